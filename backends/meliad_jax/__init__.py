@@ -1,0 +1,1 @@
+"""meliad_jax: built-in meliad plugin (being written)."""

@@ -1,0 +1,1 @@
+"""meliad_tensorflow: built-in meliad plugin (being written)."""

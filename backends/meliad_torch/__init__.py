@@ -1,0 +1,1 @@
+"""meliad_torch: built-in meliad plugin (being written)."""

@@ -1,0 +1,1 @@
+"""meliad_attention: built-in meliad plugin (being written)."""

@@ -1,0 +1,1 @@
+"""meliad_data: built-in meliad plugin (being written)."""

@@ -1,0 +1,1 @@
+"""meliad_memory: built-in meliad plugin (being written)."""

@@ -1,0 +1,1 @@
+"""meliad_positions: built-in meliad plugin (being written)."""

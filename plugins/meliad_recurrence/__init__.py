@@ -1,0 +1,1 @@
+"""meliad_recurrence: built-in meliad plugin (being written)."""

@@ -1,0 +1,1 @@
+"""meliad_vocab: built-in meliad plugin (being written)."""
