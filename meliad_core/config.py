@@ -68,7 +68,7 @@ class MemoryConfig:
     store: str = "bucketed"
     size: int = 8192
     neighbors: int = 128
-    query_chunk: int = 512  # queries scored at once; bounds retrieval's peak memory
+    query_chunk: int = 0  # queries scored at once (0: chosen to bound the score matrix); bounds peak memory
 
 
 @dataclass(frozen=True)
@@ -173,7 +173,9 @@ def _describe(tp: Any) -> str:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return " or ".join(_describe(a) for a in args) + " or null"
     if origin is tuple:
-        return f"a list of {_describe(typing.get_args(tp)[0])}s"
+        item = typing.get_args(tp)[0]
+        plural = {int: "integers", float: "numbers", bool: "true/false values", str: "strings"}.get(item, str(item))
+        return f"a list of {plural}"
     if dataclasses.is_dataclass(tp):
         return "a mapping"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}.get(
@@ -305,7 +307,7 @@ def validate_recipe(mapping: dict) -> Recipe:
         mem = recipe.memory
         _positive(mem.size, "memory.size")
         _positive(mem.neighbors, "memory.neighbors")
-        _positive(mem.query_chunk, "memory.query_chunk")
+        _positive(mem.query_chunk, "memory.query_chunk", allow_zero=True)
         _check(
             mem.size % d.segment_length == 0,
             f"memory.size: got {mem.size}, expected a multiple of data.segment_length ({d.segment_length})",

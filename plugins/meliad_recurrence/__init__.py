@@ -1,1 +1,18 @@
-"""meliad_recurrence: built-in meliad plugin (being written)."""
+"""Built-in recurrence gates: `fixed` (meliad's "bias" gate) and `lstm`."""
+
+from meliad_core.hookspecs import hookimpl
+from meliad_recurrence.gates import FixedGate, LSTMGate
+
+
+def make_fixed_gate(width: int, hidden_dim: int, name: str):
+    return FixedGate(width, name=name)
+
+
+def make_lstm_gate(width: int, hidden_dim: int, name: str):
+    return LSTMGate(width, hidden_dim, name=name)
+
+
+@hookimpl
+def meliad_register_recurrence_gates(register):
+    register("fixed", make_fixed_gate, description="new = c·σ(b) + z·(1−σ(b)), b learned per channel")
+    register("lstm", make_lstm_gate, description="new = c·σ(W_f h + b_f + 1) + z·σ(W_i h + b_i − 1)")

@@ -1,0 +1,1 @@
+"""Keras 3 layers of the three meliad architectures, written once with keras.ops."""

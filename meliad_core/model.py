@@ -1,0 +1,168 @@
+"""MeliadLM: the decoder stack as a keras.Model with per-stream state, meliad's loss and metrics.
+
+Each stream (train, eval, predict) keeps its own XL caches, memories and recurrent states in
+non-trainable variables, so `fit`, `evaluate` and `predict` carry state across batches and never
+clobber each other's (spec §4.3). `fit` uses the train stream, `evaluate` the eval stream, and
+`predict` or a direct call the predict stream. The batch size is fixed: a batch slot is a document
+stream (DESIGN principle 4).
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+from meliad_core.config import Recipe, RecipeError
+from meliad_core.layers.stack import DecoderStack
+
+STREAMS = ("train", "eval", "predict")
+LOG2E = 1.0 / math.log(2.0)
+
+
+def token_losses(tokens, logits):
+    """Per-token nats and the validity mask, as meliad scores a segment (spec §10.3).
+
+    Targets are the inputs shifted left inside the segment with 0 appended, so the last position
+    (and with it the first token of the next segment) is never scored; id 0 is padding.
+    Returns (nats (B, N) float32, valid (B, N) float32, targets (B, N) int32).
+    """
+    tokens = ops.cast(tokens, "int32")
+    targets = ops.concatenate([tokens[:, 1:], ops.zeros_like(tokens[:, :1])], axis=1)
+    valid = ops.cast(ops.logical_and(tokens > 0, targets > 0), "float32")
+    nats = ops.sparse_categorical_crossentropy(targets, ops.cast(logits, "float32"), from_logits=True)
+    return nats * valid, valid, targets
+
+
+def _state_var_name(stream: str, key: str) -> str:
+    return f"state_{stream}_{key.replace('/', '_')}"
+
+
+class MeliadLM(keras.Model):
+    """Language model over long documents: inputs {"tokens": (B, N) int, "start_of_sequence": (B,) bool}."""
+
+    def __init__(self, recipe: Recipe, vocab_size: int, batch_size: int | None = None,
+                 streams: tuple[str, ...] = STREAMS, **kwargs):
+        super().__init__(**kwargs)
+        self.recipe = recipe
+        self.batch_size = batch_size or recipe.data.batch_size
+        self.segment_length = recipe.data.segment_length
+        self.streams = tuple(streams)
+        self.stack = DecoderStack(recipe, vocab_size, seed=recipe.train.seed, name="decoder")
+        self._inference_stream = "predict" if "predict" in self.streams else self.streams[-1]
+        self.state_vars: dict[str, dict[str, keras.Variable]] = {}
+        for stream in self.streams:
+            self.state_vars[stream] = {
+                key: self.add_weight(shape=shape, dtype=dtype, initializer="zeros", trainable=False,
+                                     name=_state_var_name(stream, key))
+                for key, (shape, dtype) in self.stack.state_shapes(self.batch_size).items()
+            }
+        self.nats_tracker = keras.metrics.Mean(name="nats_per_token")
+        self.bits_tracker = keras.metrics.Mean(name="bits_per_token")
+        self.accuracy_tracker = keras.metrics.Mean(name="accuracy")
+
+    def build(self, input_shape=None):
+        self.stack.build(None)
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def reset_state(self, stream: str | None = None) -> None:
+        """Empties the caches, memories and recurrent states of one stream (all streams if None)."""
+        for name in [stream] if stream else self.streams:
+            if name not in self.state_vars:
+                raise ValueError(f"unknown stream {name!r}; streams are {', '.join(self.streams)}")
+            for var in self.state_vars[name].values():
+                var.assign(ops.zeros(var.shape, var.dtype))
+
+    def get_stream_state(self, stream: str) -> dict[str, np.ndarray]:
+        return {key: keras.ops.convert_to_numpy(var) for key, var in self.state_vars[stream].items()}
+
+    def set_stream_state(self, stream: str, values: dict[str, np.ndarray]) -> None:
+        for key, var in self.state_vars[stream].items():
+            var.assign(values[key])
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def call(self, inputs, training: bool = False, stream: str | None = None):
+        tokens = inputs["tokens"]
+        sos = ops.cast(inputs["start_of_sequence"], "bool")
+        stream = stream or ("train" if training else self._inference_stream)
+        if stream not in self.state_vars:
+            raise ValueError(f"this model keeps no {stream!r} stream; it keeps {', '.join(self.streams)}")
+        if tokens.shape[0] is not None and tokens.shape[0] != self.batch_size:
+            raise ValueError(f"batch of {tokens.shape[0]} rows, but this model was built for batch_size "
+                             f"{self.batch_size}: each row is one document stream, so the batch size is fixed")
+        if tokens.shape[1] != self.segment_length:
+            raise ValueError(f"segments of {tokens.shape[1]} tokens, but this model was built for "
+                             f"segment_length {self.segment_length}")
+        variables = self.state_vars[stream]
+        state = {key: var.value for key, var in variables.items()}
+        logits, new_state = self.stack(tokens, state, sos, training=training)
+        for key, var in variables.items():
+            var.assign(ops.cast(ops.stop_gradient(new_state[key]), var.dtype))
+        return logits
+
+    # -- keras entry points use their own stream ------------------------------------------------------
+
+    def evaluate(self, *args, **kwargs):
+        previous, self._inference_stream = self._inference_stream, "eval"
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self._inference_stream = previous
+
+    def predict(self, *args, **kwargs):
+        previous, self._inference_stream = self._inference_stream, "predict"
+        try:
+            return super().predict(*args, **kwargs)
+        finally:
+            self._inference_stream = previous
+
+    # -- loss and metrics ------------------------------------------------------------------------
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        nats, valid, _ = token_losses(x["tokens"], y_pred)
+        total = ops.sum(nats)
+        if self.recipe.train.loss_reduction == "mean":
+            total = total / ops.maximum(ops.sum(valid), 1.0)
+        return total
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        nats, valid, targets = token_losses(x["tokens"], y_pred)
+        correct = ops.cast(ops.argmax(y_pred, axis=-1) == targets, "float32")
+        self.nats_tracker.update_state(nats, sample_weight=valid)
+        self.bits_tracker.update_state(nats * LOG2E, sample_weight=valid)
+        self.accuracy_tracker.update_state(correct, sample_weight=valid)
+        return self.get_metrics_result()
+
+    def non_embedding_parameter_count(self) -> int:
+        embedding = int(np.prod(self.stack.embedding.shape))
+        return sum(int(np.prod(v.shape)) for v in self.trainable_weights) - embedding
+
+
+def build_model(recipe: Recipe, vocab_size: int | None = None, batch_size: int | None = None,
+                streams: tuple[str, ...] = STREAMS) -> MeliadLM:
+    """A built MeliadLM for `recipe` (weights created, states zero).
+
+    The vocabulary size comes from `vocab_size`, else `model.vocab_size`, else the recipe's vocabulary.
+    """
+    if vocab_size is None:
+        vocab_size = recipe.model.vocab_size
+    if vocab_size is None:
+        from meliad_core.vocab import load_vocabulary
+
+        vocab_size = load_vocabulary(recipe.data).vocab_size
+    if recipe.model.dtype == "bfloat16":
+        raise RecipeError("model.dtype: bfloat16 is not built yet; use float32")
+    if recipe.train.seed is not None:
+        keras.utils.set_random_seed(recipe.train.seed)
+    model = MeliadLM(recipe, vocab_size, batch_size=batch_size, streams=streams, name="meliad_lm")
+    model.build()
+    batch = batch_size or recipe.data.batch_size
+    dummy = {"tokens": np.zeros((batch, recipe.data.segment_length), "int32"),
+             "start_of_sequence": np.ones((batch,), bool)}
+    model(dummy, training=False, stream=model.streams[0])  # checks the forward pass once
+    model.reset_state()
+    return model
