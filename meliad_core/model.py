@@ -77,7 +77,8 @@ class MeliadLM(keras.Model):
                 var.assign(ops.zeros(var.shape, var.dtype))
 
     def get_stream_state(self, stream: str) -> dict[str, np.ndarray]:
-        return {key: keras.ops.convert_to_numpy(var) for key, var in self.state_vars[stream].items()}
+        """A copy of one stream's state (copied: on torch, numpy views share the variable's storage)."""
+        return {key: np.array(keras.ops.convert_to_numpy(var), copy=True) for key, var in self.state_vars[stream].items()}
 
     def set_stream_state(self, stream: str, values: dict[str, np.ndarray]) -> None:
         for key, var in self.state_vars[stream].items():

@@ -1,0 +1,194 @@
+"""The `synthetic` source: generated documents with local *and* long-range structure.
+
+Each document is a "ledger". Its first paragraph states a few facts, each pairing a made-up name with
+a random value (a code such as `QX-4821`, or a home town such as `Velomere`). Then comes filler prose
+built from templated sentences and a small lexicon (learnable from local context), and, every so often,
+a fact is asked for again: "Asked again, the clerk said that the code of Tarin is QX-4821." The value
+cannot be guessed from the filler or from other documents (names and values are drawn afresh for each
+document); only a model that carries the start of the document (XL cache, kNN memory, recurrent state)
+can copy it. Every recalled value is at least `min_recall_distance` characters after the previous
+mention of the same fact, and its character span is tagged in `Document.long_range_spans`, so the
+stream marks its tokens in `batch["long_range"]`.
+
+Documents are generated on demand from (corpus_seed, split, index): the corpus is the same for every
+run seed (the run seed only shuffles it), and the train and eval splits are different documents
+(meliad's own synthetic set used the same texts for both, spec §9.1).
+
+Options (`data.options`):
+    num_documents        train documents per epoch (default 1024)
+    num_eval_documents   eval documents (default 128)
+    document_length      characters of filler-plus-recall text to reach before the ledger closes (6000)
+    num_facts            facts stated per document (6)
+    recalls_per_fact     times each fact is asked for again (2)
+    min_recall_distance  characters between a fact's mention and its recall (512)
+    corpus_seed          which corpus (0)
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import random
+
+from meliad_core.data import Document
+
+from ._options import get_int
+
+OPTIONS = ("num_documents", "num_eval_documents", "document_length", "num_facts", "recalls_per_fact",
+           "min_recall_distance", "corpus_seed")
+
+SYLLABLES = ("ka", "ri", "to", "mel", "an", "dor", "vi", "sa", "lu", "ben", "tor", "eth", "ni", "ro", "gal",
+             "fen", "mi", "os", "ar", "quin", "bel", "ta", "zu", "ler", "mo", "ca", "del", "ha", "ur", "pe")
+PLACE_ENDINGS = ("holm", "mere", "wick", "stead", "garth", "combe")
+LETTERS = "ABCDEFGHJKLMNPQRSTUVWXYZ"
+DIGITS = "0123456789"
+
+ADJECTIVES = ("old", "young", "quiet", "tall", "small", "grey", "bright", "tired", "clever", "patient",
+              "brave", "careful")
+NOUNS = ("miller", "baker", "sailor", "farmer", "weaver", "clerk", "smith", "shepherd", "fisher", "potter",
+         "mason", "carter", "widow", "scholar", "hunter", "cook")
+OBJECTS = ("basket", "lantern", "letter", "barrel", "rope", "sack of grain", "bundle of wool", "ledger",
+           "kettle", "wooden box", "map", "bell", "coat", "net")
+VERBS = ("carried", "mended", "sold", "found", "painted", "counted", "lost", "bought", "opened", "hid",
+         "weighed", "cleaned")
+PLACES = ("river", "market", "mill", "harbour", "church", "bridge", "square", "well", "gate", "inn", "orchard",
+          "quay")
+PREPOSITIONS = ("near", "behind", "beside", "beyond", "across from", "inside")
+TIMES = ("In the morning", "At noon", "Before dusk", "Late that night", "On the next day", "After the rain")
+NUMBERS = ("one", "two", "three", "four", "five", "six", "seven")
+LEADS = ("Asked again, the clerk said that", "As the ledger records,", "Let it be repeated that",
+         "When the steward checked once more,", "Everyone in town agreed that", "It was written again that")
+
+
+def _name(rng: random.Random) -> str:
+    return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
+
+
+def _place(rng: random.Random) -> str:
+    return ("".join(rng.choice(SYLLABLES) for _ in range(2)) + rng.choice(PLACE_ENDINGS)).capitalize()
+
+
+def _code(rng: random.Random) -> str:
+    return rng.choice(LETTERS) + rng.choice(LETTERS) + "-" + "".join(rng.choice(DIGITS) for _ in range(4))
+
+
+def _filler(rng: random.Random) -> str:
+    """One sentence of local structure: templates over a small lexicon, some with a repetition."""
+    kind = rng.randrange(5)
+    a, n, o = rng.choice(ADJECTIVES), rng.choice(NOUNS), rng.choice(OBJECTS)
+    v, p = rng.choice(VERBS), rng.choice(PLACES)
+    if kind == 0:
+        return f"The {a} {n} {v} the {o} {rng.choice(PREPOSITIONS)} the {p}."
+    if kind == 1:
+        return f"{rng.choice(TIMES)}, the {n} {v} a {o}, and then the {n} {v} it again."
+    if kind == 2:
+        k = rng.randrange(2, len(NUMBERS))
+        count = ", ".join(NUMBERS[:k + 1])
+        return f"The {n} counted the bells of the {p}: {count}."
+    if kind == 3:
+        other = rng.choice(NOUNS)
+        return f"The {n} asked the {other} about the {o}, but the {other} had not seen the {o}."
+    return f"{rng.choice(TIMES)}, the {a} {n} walked to the {p} and waited."
+
+
+class SyntheticLedgers(collections.abc.Sequence):
+    """The documents of one split, generated on demand (a random-access Sequence)."""
+
+    def __init__(self, split: str, num_documents: int, document_length: int = 6000, num_facts: int = 6,
+                 recalls_per_fact: int = 2, min_recall_distance: int = 512, corpus_seed: int = 0):
+        self.split = split
+        self.num_documents = num_documents
+        self.document_length = document_length
+        self.num_facts = num_facts
+        self.recalls_per_fact = recalls_per_fact
+        self.min_recall_distance = min_recall_distance
+        self.corpus_seed = corpus_seed
+
+    def __len__(self) -> int:
+        return self.num_documents
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self.generate(index)
+
+    def generate(self, index: int) -> Document:
+        # Seeding random.Random with a str hashes it with SHA-512: stable across Python versions.
+        rng = random.Random(f"meliad-synthetic/{self.corpus_seed}/{self.split}/{index}")
+        names: list[str] = []
+        while len(names) < self.num_facts:
+            name = _name(rng)
+            if not any(name.startswith(m) or m.startswith(name) for m in names):
+                names.append(name)
+        facts = []  # (statement, recall template, value)
+        for name in names:
+            if rng.random() < 0.5:
+                value = _code(rng)
+                facts.append((f"The code of {name} is {value}.", f"the code of {name} is ", value))
+            else:
+                value = _place(rng)
+                facts.append((f"{name} lives in {value}.", f"{name} still lives in ", value))
+
+        parts: list[str] = []
+        length = 0
+        spans: list[tuple[int, int]] = []
+        last_mention = [0] * len(facts)
+
+        def add(text: str) -> int:
+            nonlocal length
+            parts.append(text)
+            length += len(text)
+            return length - len(text)
+
+        add(f"The ledger of {_place(rng)}, number {index}.\n")
+        add("These facts were written down first.")
+        for f, (statement, _, value) in enumerate(facts):
+            add(" ")
+            at = add(statement)
+            last_mention[f] = at + statement.index(value)
+        add("\n")
+        facts_end = length
+        distance = self.min_recall_distance
+        end = max(self.document_length, facts_end + distance)
+        pending = sorted((rng.randint(facts_end + distance, end), f)
+                         for f in range(len(facts)) for _ in range(self.recalls_per_fact))
+        while length < self.document_length or pending:
+            if pending and length >= pending[0][0]:
+                target, f = pending.pop(0)
+                if length - last_mention[f] < distance:  # too close to its last mention: later
+                    pending.append((last_mention[f] + distance, f))
+                    pending.sort()
+                    continue
+                _, template, value = facts[f]
+                add(f"{rng.choice(LEADS)} {template}")
+                start = add(value)
+                add(".")
+                spans.append((start, start + len(value)))
+                last_mention[f] = start
+            else:
+                add(_filler(rng))
+            add("\n" if rng.random() < 0.15 else " ")
+        add("Here the ledger ends.\n")
+        return Document("".join(parts), tuple(spans), name=f"synthetic/{self.split}/{index}")
+
+
+def open_synthetic(data_config, split: str, seed: int) -> SyntheticLedgers:
+    """Factory for the `synthetic` source; `seed` is unused (the stream shuffles the Sequence)."""
+    options = data_config.options or {}
+    count = (get_int(options, "num_documents", 1024, minimum=1) if split == "train"
+             else get_int(options, "num_eval_documents", 128, minimum=1))
+    return SyntheticLedgers(
+        split,
+        count,
+        document_length=get_int(options, "document_length", 6000, minimum=1),
+        num_facts=get_int(options, "num_facts", 6, minimum=1),
+        recalls_per_fact=get_int(options, "recalls_per_fact", 2, minimum=0),
+        min_recall_distance=get_int(options, "min_recall_distance", 512, minimum=1),
+        corpus_seed=get_int(options, "corpus_seed", 0, minimum=0),
+    )
+
+
+open_synthetic.options = OPTIONS
