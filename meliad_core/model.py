@@ -9,6 +9,7 @@ stream (DESIGN principle 4).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import keras
@@ -107,19 +108,32 @@ class MeliadLM(keras.Model):
 
     # -- keras entry points use their own stream ------------------------------------------------------
 
-    def evaluate(self, *args, **kwargs):
-        previous, self._inference_stream = self._inference_stream, "eval"
+    @contextlib.contextmanager
+    def inference_stream(self, stream: str):
+        """Calls with training=False inside this block use `stream` (traced functions read it once)."""
+        if stream not in self.state_vars:
+            raise ValueError(f"this model keeps no {stream!r} stream; it keeps {', '.join(self.streams)}")
+        previous, self._inference_stream = self._inference_stream, stream
         try:
-            return super().evaluate(*args, **kwargs)
+            yield
         finally:
             self._inference_stream = previous
 
+    def evaluate(self, *args, **kwargs):
+        with self.inference_stream("eval"):
+            return super().evaluate(*args, **kwargs)
+
+    def test_on_batch(self, *args, **kwargs):
+        with self.inference_stream("eval"):
+            return super().test_on_batch(*args, **kwargs)
+
     def predict(self, *args, **kwargs):
-        previous, self._inference_stream = self._inference_stream, "predict"
-        try:
+        with self.inference_stream("predict"):
             return super().predict(*args, **kwargs)
-        finally:
-            self._inference_stream = previous
+
+    def predict_on_batch(self, *args, **kwargs):
+        with self.inference_stream("predict"):
+            return super().predict_on_batch(*args, **kwargs)
 
     # -- loss and metrics ------------------------------------------------------------------------
 
