@@ -27,7 +27,7 @@ def meliad_register_attention_kernels(register):
 
 @hookspec
 def meliad_register_memory_stores(register):
-    """Memory stores: objects with `retrieve(key_db, value_db, queries, num_neighbors, query_chunk)`.
+    """Memory stores: objects with `retrieve(key_db, value_db, filled, queries, num_neighbors, query_chunk)`.
 
     See `meliad_core.layers.memory.MemoryStore`.
     """

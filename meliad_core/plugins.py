@@ -76,6 +76,7 @@ class PluginManager:
     origins: dict[str, tuple[str, str]]  # plugin name -> (distribution, version)
     failures: list[Failure] = field(default_factory=list)
     _registries: dict[str, dict[str, Entry]] = field(default_factory=dict)
+    _recipe_dirs: list[Path] | None = None
 
     # -- registries --------------------------------------------------------------------------
 
@@ -125,6 +126,9 @@ class PluginManager:
     # -- other hooks ---------------------------------------------------------------------------
 
     def recipe_dirs(self) -> list[Path]:
+        """Folders plugins add for recipes; asked once, so a failing hook is reported once."""
+        if self._recipe_dirs is not None:
+            return list(self._recipe_dirs)
         dirs: list[Path] = []
         for impl in self.pm.hook.meliad_recipe_dirs.get_hookimpls():
             try:
@@ -132,15 +136,24 @@ class PluginManager:
             except Exception as exc:
                 dist, _ = self.origins.get(impl.plugin_name, ("unknown", ""))
                 self.failures.append(Failure(impl.plugin_name, dist, "meliad_recipe_dirs", _one_line(exc)))
-        return dirs
+        self._recipe_dirs = dirs
+        return list(dirs)
 
     def add_commands(self, cli) -> None:
+        """Lets each plugin add commands to the click group `cli`; none may replace an existing one."""
+        commands = getattr(cli, "commands", None)
         for impl in self.pm.hook.meliad_register_commands.get_hookimpls():
+            dist, _ = self.origins.get(impl.plugin_name, ("unknown", ""))
+            before = dict(commands) if commands is not None else {}
             try:
                 impl.function(cli=cli)
             except Exception as exc:
-                dist, _ = self.origins.get(impl.plugin_name, ("unknown", ""))
                 self.failures.append(Failure(impl.plugin_name, dist, "meliad_register_commands", _one_line(exc)))
+            for name, command in before.items():
+                if commands is not None and commands.get(name) is not command:
+                    commands[name] = command
+                    self.failures.append(Failure(impl.plugin_name, dist, "meliad_register_commands",
+                                                 f"tried to replace the command {name!r}; kept the original"))
 
 
 def _one_line(exc: BaseException) -> str:
@@ -158,10 +171,19 @@ def load_plugin_manager(extra_plugins: list[tuple[str, Any]] | None = None) -> P
     pm.add_hookspecs(hookspecs)
     manager = PluginManager(pm=pm, origins={})
     disabled = _disabled()
-    for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+    # By name; for a name two distributions use, meliad's own first, so a third party cannot shadow it.
+    def order(ep: importlib.metadata.EntryPoint) -> tuple[str, bool]:
+        return ep.name, ep.dist is None or ep.dist.name != "meliad"
+
+    for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=order):
         dist = ep.dist.name if ep.dist is not None else "unknown"
         version = ep.dist.version if ep.dist is not None else ""
-        if ep.name in disabled or ep.name in manager.origins:
+        if ep.name in disabled:
+            continue
+        if ep.name in manager.origins:
+            other = manager.origins[ep.name][0]
+            manager.failures.append(Failure(ep.name, dist, "register",
+                                            f"entry-point name {ep.name!r} is already used by {other}; skipped"))
             continue
         try:
             module = ep.load()
@@ -204,6 +226,35 @@ def resolve(kind: str, name: str, backend: str | None = None) -> Any:
     if reason:
         raise PluginError(f"{kind.replace('_', ' ')} {name!r} from {entry.distribution} is not available: {reason}")
     return entry.obj
+
+
+class LazyObject:
+    """Stands for `module:Class()` until first used, so registering a plugin imports no heavy module.
+
+    Plugins register these instead of instances whose modules import Keras: listing plugins or
+    validating a recipe then imports nothing, and the chosen backend's framework loads only when a
+    model is built.
+    """
+
+    def __init__(self, target: str):
+        self._target = target
+        self._instance = None
+
+    def _resolve(self):
+        if self._instance is None:
+            import importlib
+
+            module, _, attr = self._target.partition(":")
+            self._instance = getattr(importlib.import_module(module), attr)()
+        return self._instance
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._resolve(), name)
+
+    def __repr__(self) -> str:
+        return f"LazyObject({self._target!r})"
 
 
 def format_traceback(exc: BaseException) -> str:

@@ -40,6 +40,8 @@ def query_chunk_size(batch: int, heads: int, num_queries: int, memory_size: int,
 
 def reset_rows(key_db, value_db, index, start_of_sequence):
     """Empties the memories of the batch slots that start a new document."""
+    key_db, value_db, index = (ops.convert_to_tensor(t) for t in (key_db, value_db, index))
+    start_of_sequence = ops.convert_to_tensor(start_of_sequence)
     sos = ops.reshape(start_of_sequence, (-1, 1, 1, 1))
     zeros = ops.zeros_like(key_db)
     return (ops.where(sos, zeros, key_db), ops.where(sos, zeros, value_db),
@@ -48,6 +50,7 @@ def reset_rows(key_db, value_db, index, start_of_sequence):
 
 def filled_slots(index, memory_size: int):
     """(B, M) bool: slots that hold written data (writes start at slot 0 and wrap around)."""
+    index = ops.convert_to_tensor(index)
     return ops.arange(memory_size)[None, :] < ops.minimum(index, memory_size)[:, None]
 
 
@@ -57,16 +60,18 @@ def write_segment(key_db, value_db, index, keys, values):
     M is a multiple of N and writes are whole segments, so the target is one of M/N aligned blocks;
     choosing it with a one-hot `where` keeps every row independent with plain elementwise ops.
     """
-    batch_heads, memory_size, dim = key_db.shape[1], key_db.shape[2], key_db.shape[3]
+    # numpy inputs become tensors first, so every op below runs on the backend's device
+    key_db, value_db, index, keys, values = (ops.convert_to_tensor(t) for t in (key_db, value_db, index, keys, values))
+    heads, memory_size, dim = key_db.shape[1], key_db.shape[2], key_db.shape[3]
     n = keys.shape[2]
     num_blocks = memory_size // n
     block = (index % memory_size) // n
     onehot = ops.reshape(ops.arange(num_blocks)[None, :] == block[:, None], (-1, 1, num_blocks, 1, 1))
-    shape = (-1, batch_heads, num_blocks, n, dim)
+    shape = (-1, heads, num_blocks, n, dim)
 
     def put(db, new):
         new = ops.cast(new, db.dtype)[:, :, None]
-        return ops.reshape(ops.where(onehot, new, ops.reshape(db, shape)), (-1, batch_heads, memory_size, dim))
+        return ops.reshape(ops.where(onehot, new, ops.reshape(db, shape)), (-1, heads, memory_size, dim))
 
     return put(key_db, keys), put(value_db, values), index + n
 

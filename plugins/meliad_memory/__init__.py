@@ -1,11 +1,11 @@
 """Built-in memory stores: `bucketed` (meliad's approximate kNN) and `exact` (true top-k)."""
 
 from meliad_core.hookspecs import hookimpl
-from meliad_memory.stores import BucketedStore, ExactStore
+from meliad_core.plugins import LazyObject
 
 
 @hookimpl
 def meliad_register_memory_stores(register):
-    register("bucketed", BucketedStore(),
+    register("bucketed", LazyObject("meliad_memory.stores:BucketedStore"),
              description="meliad's kNN: one winner per strided bucket, empty slots penalised")
-    register("exact", ExactStore(), description="true top-k over the filled slots")
+    register("exact", LazyObject("meliad_memory.stores:ExactStore"), description="true top-k over the filled slots")

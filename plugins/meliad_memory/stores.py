@@ -24,6 +24,7 @@ class BucketedStore:
     """
 
     def retrieve(self, key_db, value_db, filled, queries, num_neighbors: int, query_chunk: int = 0):
+        key_db, value_db, filled, queries = (ops.convert_to_tensor(t) for t in (key_db, value_db, filled, queries))
         batch, heads, size, dim = key_db.shape[0], key_db.shape[1], key_db.shape[2], key_db.shape[3]
         k = num_neighbors
         per_bucket = size // k
@@ -49,6 +50,7 @@ class ExactStore:
     """The k best-scoring filled slots for each query; missing neighbours (fewer than k filled) are zeros."""
 
     def retrieve(self, key_db, value_db, filled, queries, num_neighbors: int, query_chunk: int = 0):
+        key_db, value_db, filled, queries = (ops.convert_to_tensor(t) for t in (key_db, value_db, filled, queries))
         batch, heads, size, dim = key_db.shape[0], key_db.shape[1], key_db.shape[2], key_db.shape[3]
         k = min(num_neighbors, size)
         chunk = query_chunk_size(batch or 1, heads, queries.shape[2], size, query_chunk)

@@ -1,14 +1,17 @@
 """Built-in recurrence gates: `fixed` (meliad's "bias" gate) and `lstm`."""
 
 from meliad_core.hookspecs import hookimpl
-from meliad_recurrence.gates import FixedGate, LSTMGate
 
 
 def make_fixed_gate(width: int, hidden_dim: int, name: str):
+    from meliad_recurrence.gates import FixedGate  # imports Keras: only when a model is built
+
     return FixedGate(width, name=name)
 
 
 def make_lstm_gate(width: int, hidden_dim: int, name: str):
+    from meliad_recurrence.gates import LSTMGate
+
     return LSTMGate(width, hidden_dim, name=name)
 
 

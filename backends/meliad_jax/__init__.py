@@ -1,1 +1,0 @@
-"""meliad_jax: built-in meliad plugin (being written)."""

@@ -1,1 +1,0 @@
-"""meliad_tensorflow: built-in meliad plugin (being written)."""

@@ -1,0 +1,118 @@
+"""Each fast attention kernel of this backend against the reference path: agreement and speed.
+
+    KERAS_BACKEND=torch python benchmarks/kernels.py [--batch 8] [--segment 4096] [--window 512]
+
+Inputs have the geometry of a sliding-window layer (G = segment/window blocks of W queries over 2W
+keys, T5 bias, learned scale, meliad's window mask). Times are medians over repeats of forward and of
+forward+backward, after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def _sync(x):
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    elif backend == "jax":
+        x.block_until_ready()
+    return x
+
+
+def _timed(fn, repeats: int) -> float:
+    _sync(fn())
+    _sync(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        _sync(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _fwd_bwd(kernel, q, k, v, kwargs):
+    """Forward and backward (torch only); None elsewhere."""
+    import keras
+
+    if keras.backend.backend() != "torch":
+        return None
+    import torch
+
+    q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
+
+    def step():
+        out = kernel.attend(q, k, v, **kwargs)
+        out.sum().backward()
+        return out
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--segment", type=int, default=4096)
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+
+    import keras
+    import numpy as np
+    from keras import ops
+
+    from _common import accelerator_in_use, machine, print_table
+    from meliad_core.layers.attention import window_mask
+    from meliad_core.plugins import get_plugin_manager
+
+    backend = keras.backend.backend()
+    manager = get_plugin_manager()
+    names = [n for n in manager.names("attention_kernel")
+             if manager.get("attention_kernel", n).unavailable_reason(backend) is None]
+    print(f"command: KERAS_BACKEND={backend} python benchmarks/kernels.py {' '.join(sys.argv[1:])}")
+    print(f"machine: {machine()}; device in use: {accelerator_in_use()}")
+    b, w, h, d = args.batch, args.window, args.heads, args.head_dim
+    g = args.segment // w
+    rng = np.random.default_rng(0)
+
+    def unit(shape):
+        x = rng.normal(size=shape).astype("float32")
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    q = ops.convert_to_tensor(unit((b, g, w, h, d)))
+    k = ops.convert_to_tensor(unit((b, g, 2 * w, h, d)))
+    v = ops.convert_to_tensor(rng.normal(size=(b, g, 2 * w, h, d)).astype("float32"))
+    kwargs = {"bias": ops.convert_to_tensor(rng.normal(size=(h, w, 2 * w)).astype("float32")),
+              "mask": ops.convert_to_tensor(window_mask(w, 2 * w, w)),
+              "scale": ops.convert_to_tensor(rng.uniform(1, 4, size=(h,)).astype("float32"))}
+    reference = manager.get("attention_kernel", "reference").obj
+    expected = np.asarray(ops.convert_to_numpy(reference.attend(q, k, v, **kwargs)))
+    rows = []
+    for name in names:
+        kernel = manager.get("attention_kernel", name).obj
+        got = np.asarray(ops.convert_to_numpy(kernel.attend(q, k, v, **kwargs)))
+        error = float(np.abs(got - expected).max())
+        fwd = _timed(lambda: kernel.attend(q, k, v, **kwargs), args.repeats)
+        step = _fwd_bwd(kernel, q, k, v, kwargs)
+        both = _timed(step, args.repeats) if step else None
+        rows.append([name, f"{error:.2e}", f"{fwd * 1000:.2f}", f"{both * 1000:.2f}" if both else "-"])
+    print(f"shape: batch {b}, {g} blocks of {w} queries over {2 * w} keys, {h} heads x {d}, float32")
+    print_table(["kernel", "max |diff| vs reference", "forward ms", "forward+backward ms"], rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Training throughput (tokens/s) and peak memory for each architecture and size on one backend.
+
+    python benchmarks/throughput.py --backend jax
+    python benchmarks/throughput.py --backend torch --sizes small_test --archs recurrent --kernel reference
+
+Each configuration runs in its own process (so peak memory is its own). Random token batches are fed
+with train_on_batch (the data pipeline is not timed); after warm-up steps, the median of several
+timed intervals is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+ARCHS = ("xl", "memorizing", "recurrent")
+# size -> recipe keys; the sizes follow meliad's old tiny_test and small_test (spec §5.7)
+SIZES = ("tiny_test", "small_test")
+ARCH_OVERRIDES = {
+    "xl": [],
+    # the memory layer needs window == segment_length (spec §7.1)
+    "memorizing": ["memory.layers=[-1]", "memory.size=8192", "memory.neighbors=128", "attention.window={N}"],
+    "recurrent": ["recurrence.layers=[-1]", "recurrence.num_states={S}", "recurrence.gate=fixed",
+                  "recurrence.variant=skip"],
+}
+
+
+def one(size: str, arch: str, steps: int, intervals: int, warmup: int, kernel: str, batch_size: int | None,
+        sets: list[str]) -> dict:
+    import keras
+    import numpy as np
+
+    from _common import accelerator_in_use, peak_memory_mib, reset_peak_memory
+    from meliad_core.config import validate_recipe
+    from meliad_core.model import build_model
+    from meliad_core.optimizers import make_optimizer
+    from meliad_core.recipes import apply_override, resolve_recipe_mapping
+
+    mapping = resolve_recipe_mapping(f"sizes/{size}")
+    n = mapping["data"]["segment_length"]
+    extra = [o.format(N=n, S=min(512, 2 * mapping["attention"]["window"])) for o in ARCH_OVERRIDES[arch]]
+    for text in extra + ["model.dropout=0.0", "model.attn_dropout=0.0", f"attention.kernel={kernel}"] + (
+            [f"data.batch_size={batch_size}"] if batch_size else []) + sets:
+        mapping = apply_override(mapping, text)
+    recipe = validate_recipe(mapping)
+    model = build_model(recipe, vocab_size=259, streams=("train",))
+    model.compile(optimizer=make_optimizer(recipe.train, 10_000))
+    b = recipe.data.batch_size
+    rng = np.random.default_rng(0)
+
+    def batch(i):
+        return {"tokens": rng.integers(1, 259, size=(b, n)).astype("int32"),
+                "start_of_sequence": np.full((b,), i % 8 == 0)}
+
+    reset_peak_memory()
+    for i in range(warmup):
+        model.train_on_batch(batch(i))
+    times = []
+    for _ in range(intervals):
+        batches = [batch(i) for i in range(steps)]
+        start = time.perf_counter()
+        for x in batches:
+            logs = model.train_on_batch(x, return_dict=True)
+        float(logs["loss"])  # waits for the device
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times) / steps
+    params = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+    return {"size": size, "arch": arch, "backend": keras.backend.backend(), "device": accelerator_in_use(),
+            "batch": f"{b}x{n}", "params": params, "step_ms": seconds * 1000, "tokens_per_s": b * n / seconds,
+            "peak_mib": peak_memory_mib(), "kernel": kernel}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", choices=("jax", "torch", "tensorflow"), default=os.environ.get("KERAS_BACKEND",
+                                                                                                   "jax"))
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=SIZES)
+    parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
+    parser.add_argument("--kernel", default="auto", help="attention.kernel for every run (default auto)")
+    parser.add_argument("--steps", type=int, default=5, help="steps per timed interval")
+    parser.add_argument("--intervals", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=None, help="override data.batch_size")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra recipe override for every run (repeatable)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        size, arch = args.one.split(":")
+        print(json.dumps(one(size, arch, args.steps, args.intervals, args.warmup, args.kernel, args.batch_size,
+                             args.sets)))
+        return
+    from _common import machine, print_table
+
+    print(f"command: python benchmarks/throughput.py {' '.join(sys.argv[1:])}")
+    print(f"machine: {machine()}")
+    rows = []
+    env = {**os.environ, "KERAS_BACKEND": args.backend}
+    for size in args.sizes:
+        for arch in args.archs:
+            cmd = [sys.executable, __file__, "--one", f"{size}:{arch}", "--steps", str(args.steps), "--intervals",
+                   str(args.intervals), "--warmup", str(args.warmup), "--kernel", args.kernel]
+            if args.batch_size:
+                cmd += ["--batch-size", str(args.batch_size)]
+            for text in args.sets:
+                cmd += ["--set", text]
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+                rows.append([size, arch, args.backend, "-", "-", "-", "-", "-", f"failed: {tail[:80]}"])
+                continue
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            rows.append([size, arch, r["backend"], r["device"], r["batch"], f"{r['params'] / 1e6:.2f}M",
+                         f"{r['step_ms']:.1f}", f"{r['tokens_per_s']:,.0f}", f"{r['peak_mib']:,.0f}"])
+    print_table(["size", "arch", "backend", "device", "batch", "params", "ms/step", "tokens/s", "peak MiB"], rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Every attention kernel registered for this backend must equal the reference path."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from meliad_core.layers.attention import reference_attend, window_mask
+from meliad_core.plugins import get_plugin_manager
+from model_helpers import copy_trainable, make_model, randomize_weights, segment_batch, tiny_recipe, to_numpy
+
+BACKEND = keras.backend.backend()
+MANAGER = get_plugin_manager()
+KERNELS = [name for name in MANAGER.names("attention_kernel")
+           if name != "reference" and MANAGER.get("attention_kernel", name).unavailable_reason(BACKEND) is None]
+
+
+def _inputs(rng, b=2, g=3, nq=4, nk=8, h=2, d=8):
+    q = rng.normal(size=(b, g, nq, h, d)).astype("float32")
+    k = rng.normal(size=(b, g, nk, h, d)).astype("float32")
+    v = rng.normal(size=(b, g, nk, h, d)).astype("float32")
+    bias = rng.normal(size=(h, nq, nk)).astype("float32")
+    scale = rng.uniform(0.5, 3.0, size=(h,)).astype("float32")
+    return q, k, v, bias, scale
+
+
+def test_kernel_list_is_what_this_backend_should_have():
+    expected = {"torch": {"torch_sdpa"}}.get(BACKEND, set())
+    assert expected <= set(KERNELS)
+
+
+@pytest.mark.parametrize("kernel_name", KERNELS or [pytest.param("none", marks=pytest.mark.skip("no fast kernel"))])
+@pytest.mark.parametrize("case", ["window", "no_cache_with_empty_row", "no_mask_no_bias", "no_scale"])
+def test_kernel_equals_reference(kernel_name, case):
+    kernel = MANAGER.get("attention_kernel", kernel_name).obj
+    rng = np.random.default_rng(0)
+    q, k, v, bias, scale = _inputs(rng)
+    kwargs = {"window": dict(bias=bias, mask=window_mask(4, 8, 4), scale=scale),
+              "no_cache_with_empty_row": dict(bias=bias[:, :, :4], mask=window_mask(4, 4, 4, offset=0), scale=scale),
+              "no_mask_no_bias": dict(scale=scale),
+              "no_scale": dict(bias=bias, mask=window_mask(4, 8, 4))}[case]
+    if case == "no_cache_with_empty_row":
+        k, v = k[:, :, :4], v[:, :, :4]
+    expected = to_numpy(reference_attend(q, k, v, **kwargs))
+    got = to_numpy(kernel.attend(q, k, v, **kwargs))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    if case == "no_cache_with_empty_row":
+        assert not got[:, :, 0].any()  # a token with no visible key attends to nothing
+
+
+@pytest.mark.parametrize("kernel_name", KERNELS or [pytest.param("none", marks=pytest.mark.skip("no fast kernel"))])
+@pytest.mark.parametrize("arch", ["xl", "recurrent"])
+def test_model_with_kernel_equals_reference_model(kernel_name, arch):
+    reference = make_model(tiny_recipe(arch, attention={"kernel": "reference"}))
+    fast = make_model(tiny_recipe(arch, attention={"kernel": kernel_name}))
+    randomize_weights(reference, seed=3)
+    copy_trainable(reference, fast)
+    tokens = np.random.default_rng(4).integers(1, 50, size=(2, 8)).astype("int32")
+    for start in (True, False):
+        np.testing.assert_allclose(to_numpy(fast(segment_batch(tokens, start))),
+                                   to_numpy(reference(segment_batch(tokens, start))), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="gradient check written with torch autograd")
+def test_torch_sdpa_gradients_equal_reference():
+    import torch
+
+    kernel = MANAGER.get("attention_kernel", "torch_sdpa").obj
+    rng = np.random.default_rng(1)
+    arrays = _inputs(rng)
+    grads = []
+    for fn in (lambda *a, **kw: reference_attend(*a, **kw), kernel.attend):
+        # on the Keras default device (the GPU when there is one), like every other tensor here
+        q, k, v, bias, scale = [keras.ops.convert_to_tensor(a).detach().requires_grad_(True) for a in arrays]
+        out = fn(q, k, v, bias=bias, mask=window_mask(4, 8, 4), scale=scale)
+        (out * torch.linspace(-1, 1, out.numel(), device=out.device).reshape(out.shape)).sum().backward()
+        grads.append([t.grad.cpu().numpy() for t in (q, k, v, bias, scale)])
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
