@@ -138,6 +138,47 @@ def run(recipe: str, backend: str, workdir: Path | None, load_dir: Path | None, 
     runner.run_training(loaded, workdir=workdir, load_dir=load_dir)
 
 
+@cli.command("report")
+@click.argument("workdir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--batches", type=click.IntRange(min=1), default=None, metavar="K",
+              help="Eval batches to stream from the start of the eval split (default: the recipe's eval.steps, "
+                   "or 10 if that is 0).")
+@click.option("--backend", type=click.Choice(BACKENDS), default=None,
+              help="Keras backend (default: the one the run was trained on, from its checkpoint).")
+@click.option("--bucket-width", type=click.IntRange(min=1), default=None, metavar="TOKENS",
+              help="Position buckets of this many tokens (default: log-spaced, 0, N/4, N/2, N, 2N, 4N, ...).")
+def report(workdir: Path, batches: int | None, backend: str | None, bucket_width: int | None) -> None:
+    """Bits/token by position in the document and on long-range tokens, for the run in WORKDIR.
+
+    Loads the weights of WORKDIR's newest intact checkpoint, streams K batches of a fresh eval stream
+    through them and writes WORKDIR/report/long_range.json and long_range.png.
+    """
+    from meliad_core import checkpoint as ckpt  # numpy only: keras is not imported yet
+
+    found = ckpt.latest_valid_checkpoint(workdir, warn=lambda m: click.echo(f"meliad: warning: {m}", err=True))
+    if found is None:
+        raise BadInput(f"{workdir}: no intact checkpoint found there; train first with 'meliad run'")
+    if backend is None:
+        loaded = sys.modules.get("keras")
+        saved = found[1].get("backend")
+        if loaded is not None:  # Keras already chosen in this process: checkpoints load on every backend
+            backend = loaded.backend.backend()
+        elif saved in BACKENDS and importlib.util.find_spec(FRAMEWORKS[saved][0]) is not None:
+            backend = saved
+        else:
+            backend = default_backend()
+        if backend is None:
+            raise BadInput("no Keras backend framework is installed; install one with: pip install \"meliad[jax]\"")
+    os.environ["KERAS_BACKEND"] = backend  # before anything below can import keras
+    _require_framework(backend)
+    mismatch = _keras_backend_mismatch(backend)
+    if mismatch:
+        raise BadInput(f"--backend {backend}: Keras was already imported with the {mismatch} backend")
+    from meliad_core.report import long_range_report
+
+    long_range_report(workdir, batches, bucket_width=bucket_width, checkpoint=found)
+
+
 @cli.group("recipe")
 def recipe_group() -> None:
     """Inspect one recipe."""
@@ -253,11 +294,22 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
     except click.Abort:
         click.echo(ERROR_PREFIX + "aborted", err=True)
         return EXIT_FAILED
+    except KeyboardInterrupt:
+        click.echo(ERROR_PREFIX + "interrupted; a run keeps its last checkpoint and resumes from it", err=True)
+        return 130
     except Exception as exc:
-        runner = sys.modules.get("meliad_core.runner")  # never imported here: it may import keras
+        # never imported here: they may import keras
+        runner = sys.modules.get("meliad_core.runner")
+        data = sys.modules.get("meliad_core.data")
+        report = sys.modules.get("meliad_core.report")
         if runner is not None and isinstance(exc, runner.NotBuiltYet):
             click.echo(_one_line(str(exc)), err=True)
             return EXIT_FAILED
+        if (runner is not None and isinstance(exc, runner.RunError)) or (
+                data is not None and isinstance(exc, data.DataError)) or (
+                report is not None and isinstance(exc, report.ReportError)):
+            click.echo(ERROR_PREFIX + _one_line(str(exc)), err=True)
+            return EXIT_BAD_INPUT
         raise
     return result if isinstance(result, int) else EXIT_OK
 

@@ -13,7 +13,7 @@ finishing a document of the previous epoch.
     stream.set_state(state)                                       # resumes exactly there
 
     # plain Keras: the model's inputs are `tokens` and `start_of_sequence`
-    model.fit((keras_inputs(b) for b in stream), steps_per_epoch=k, epochs=e)
+    model.fit(keras_batches(stream), steps_per_epoch=k, epochs=e)
 
 A batch (B slots, N tokens):
 
@@ -99,6 +99,12 @@ def epoch_seed(seed: int, epoch: int, split: str = "train") -> int:
 def keras_inputs(batch: dict) -> dict:
     """The model's inputs from a batch: `{"tokens", "start_of_sequence"}`."""
     return {"tokens": batch["tokens"], "start_of_sequence": batch["start_of_sequence"]}
+
+
+def keras_batches(batches: Iterable[dict]) -> Iterator[tuple[dict]]:
+    """The stream as `model.fit`/`evaluate` take it: `(inputs,)` tuples (the model computes its own targets)."""
+    for batch in batches:
+        yield (keras_inputs(batch),)
 
 
 class DataError(RuntimeError):

@@ -87,9 +87,18 @@ class MeliadLM(keras.Model):
 
     # -- forward ---------------------------------------------------------------------------------
 
-    def call(self, inputs, training: bool = False, stream: str | None = None):
+    def _tokens(self, inputs):
+        """(B, N) token ids with a static segment length (a generator's tf.data spec may not say it)."""
         tokens = inputs["tokens"]
-        sos = ops.cast(inputs["start_of_sequence"], "bool")
+        shape = getattr(tokens, "shape", None)
+        rank = None if shape is None else (shape.rank if hasattr(shape, "rank") else len(shape))
+        if rank != 2 or shape[1] is None:
+            tokens = ops.reshape(tokens, (-1, self.segment_length))
+        return tokens
+
+    def call(self, inputs, training: bool = False, stream: str | None = None):
+        tokens = self._tokens(inputs)
+        sos = ops.reshape(ops.cast(inputs["start_of_sequence"], "bool"), (-1,))
         stream = stream or ("train" if training else self._inference_stream)
         if stream not in self.state_vars:
             raise ValueError(f"this model keeps no {stream!r} stream; it keeps {', '.join(self.streams)}")
@@ -138,15 +147,15 @@ class MeliadLM(keras.Model):
     # -- loss and metrics ------------------------------------------------------------------------
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        nats, valid, _ = token_losses(x["tokens"], y_pred)
+        nats, valid, _ = token_losses(self._tokens(x), y_pred)
         total = ops.sum(nats)
         if self.recipe.train.loss_reduction == "mean":
             total = total / ops.maximum(ops.sum(valid), 1.0)
         return total
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
-        nats, valid, targets = token_losses(x["tokens"], y_pred)
-        correct = ops.cast(ops.argmax(y_pred, axis=-1) == targets, "float32")
+        nats, valid, targets = token_losses(self._tokens(x), y_pred)
+        correct = ops.cast(ops.equal(ops.cast(ops.argmax(y_pred, axis=-1), "int32"), targets), "float32")
         self.nats_tracker.update_state(nats, sample_weight=valid)
         self.bits_tracker.update_state(nats * LOG2E, sample_weight=valid)
         self.accuracy_tracker.update_state(correct, sample_weight=valid)

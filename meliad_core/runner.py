@@ -24,6 +24,7 @@ import yaml
 from meliad_core.config import Recipe, RecipeError
 
 LOG2E = 1.0 / math.log(2.0)
+RUN_STREAMS = ("train", "eval")  # the streams a run's model (and so its checkpoints) keeps
 
 
 class NotBuiltYet(RuntimeError):
@@ -128,7 +129,7 @@ def run_training(recipe: Recipe, workdir: Path, load_dir: Path | None = None, ou
         raise RecipeError(f"model.vocab_size: got {vocab_size}, expected at least the vocabulary's "
                           f"{vocabulary.vocab_size}")
 
-    model = build_model(recipe, vocab_size=vocab_size)
+    model = build_model(recipe, vocab_size=vocab_size, streams=RUN_STREAMS)  # no predict stream: less memory
     optimizer = make_optimizer(train_cfg, train_cfg.steps)
     model.compile(optimizer=optimizer)
     optimizer.build(model.trainable_variables)
@@ -191,7 +192,7 @@ def run_training(recipe: Recipe, workdir: Path, load_dir: Path | None = None, ou
           f"{model.count_params() - sum(int(np.prod(v.shape)) for v in model.non_trainable_variables):,} "
           f"parameters", file=out, flush=True)
     acc, total = Accumulator(), Accumulator()
-    last_eval = None
+    last_eval = last_train = None
     first_step_of_run = True
     while step < train_cfg.steps:
         batch = next(train_stream)
@@ -211,6 +212,7 @@ def run_training(recipe: Recipe, workdir: Path, load_dir: Path | None = None, ou
             record = {"step": step, "split": "train", **acc.summary(), "learning_rate": learning_rate(step)}
             log.write(record)
             _progress(step, train_cfg.steps, record, out)
+            last_train = record
             acc = Accumulator()
         if step % recipe.eval.every == 0 or (step == train_cfg.steps and recipe.eval.steps > 0):
             if recipe.eval.steps > 0:
@@ -219,10 +221,11 @@ def run_training(recipe: Recipe, workdir: Path, load_dir: Path | None = None, ou
             save(step)
     if step == 0 or (resumed and step == int(resumed[1]["step"]) and step >= train_cfg.steps):
         print(f"nothing to do: the run is already at step {step} of {train_cfg.steps}", file=out, flush=True)
-    summary = {"step": step, "train": total.summary() if total.steps else None, "eval": last_eval}
+    summary = {"step": step, "train": last_train, "eval": last_eval,
+               "tokens_per_second": total.summary()["tokens_per_second"] if total.steps else None}
     parts = [f"done: {step} steps"]
-    if total.steps:
-        parts.append(f"train {total.summary()['bits_per_token']:.4f} bits/tok")
+    if last_train:
+        parts.append(f"train {last_train['bits_per_token']:.4f} bits/tok (last {train_cfg.log_every} steps)")
     if last_eval:
         parts.append(f"eval {last_eval['bits_per_token']:.4f} bits/tok ({last_eval['bits_per_char']:.4f} bits/char)")
     if total.steps and total.summary()["tokens_per_second"]:

@@ -17,7 +17,7 @@ import yaml
 
 from meliad_core import checkpoint as ckpt
 from meliad_core.config import validate_recipe
-from meliad_core.runner import RunError, run_training
+from meliad_core.runner import RUN_STREAMS, RunError, run_training
 
 BACKEND = keras.backend.backend()
 REQUIRED_KEYS = {"step", "split", "nats_per_token", "bits_per_token", "bits_per_char", "accuracy", "learning_rate",
@@ -138,15 +138,16 @@ def test_checkpoint_written_on_jax_loads_here(tmp_path):
     recipe = validate_recipe(run_recipe(steps=2, checkpoint_every=2))
     manifest, arrays = ckpt.read_checkpoint(FIXTURE)
     assert manifest["backend"] == "jax"
-    model = build_model(recipe, vocab_size=259)
+    model = build_model(recipe, vocab_size=259, streams=RUN_STREAMS)
     optimizer = make_optimizer(recipe.train, recipe.train.steps)
     model.compile(optimizer=optimizer)
     optimizer.build(model.trainable_variables)
     ckpt.restore(model, optimizer, manifest, arrays)
     assert int(keras.ops.convert_to_numpy(optimizer.iterations)) == 2
     expected = np.load(FIXTURE.parent / "checkpoint_jax_logits.npy")
-    model.reset_state("predict")
-    logits = keras.ops.convert_to_numpy(model(fixed_input(2, 32)))
+    model.reset_state("eval")
+    with model.inference_stream("eval"):
+        logits = keras.ops.convert_to_numpy(model(fixed_input(2, 32)))
     assert float(np.abs(logits - expected).max()) <= 1e-5 * float(np.abs(expected).max())
     train_state = model.get_stream_state("train")
     assert any(v.any() for v in train_state.values())  # the train stream's caches came along

@@ -44,7 +44,7 @@ def main() -> None:
             shutil.rmtree(FIXTURE)
         shutil.copytree(Path(tmp) / "checkpoints" / "step_2", FIXTURE)
     manifest, arrays = ckpt.read_checkpoint(FIXTURE)
-    model = build_model(recipe, vocab_size=259)
+    model = build_model(recipe, vocab_size=259, streams=("predict",))
     ckpt.restore(model, None, manifest, arrays, weights_only=True)
     x = fixed_input(recipe.data.batch_size, recipe.data.segment_length)
     np.save(FIXTURE.parent / "checkpoint_jax_logits.npy", keras.ops.convert_to_numpy(model(x)))
