@@ -41,10 +41,14 @@ def _scored_tokens(tokens: np.ndarray) -> int:
 
 
 class MetricsLog:
-    """Appends JSON lines to WORKDIR/metrics.jsonl; on resume, drops the lines after the checkpoint."""
+    """Appends JSON lines to WORKDIR/metrics.jsonl (and TensorBoard events when tensorboard is
+    installed); on resume, drops the lines after the checkpoint."""
 
     def __init__(self, path: Path, resume_step: int | None):
+        from meliad_core.tensorboard_log import TensorBoardLog
+
         self.path = path
+        self.tensorboard = TensorBoardLog(path.parent)
         if resume_step is not None and path.exists():
             kept = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
@@ -55,6 +59,10 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        self.tensorboard.write(record)
+
+    def close(self) -> None:
+        self.tensorboard.close()
 
 
 class Accumulator:
@@ -219,6 +227,7 @@ def run_training(recipe: Recipe, workdir: Path, load_dir: Path | None = None, ou
                 last_eval = evaluate(step)
         if step % train_cfg.checkpoint_every == 0 or step == train_cfg.steps:
             save(step)
+    log.close()
     if step == 0 or (resumed and step == int(resumed[1]["step"]) and step >= train_cfg.steps):
         print(f"nothing to do: the run is already at step {step} of {train_cfg.steps}", file=out, flush=True)
     summary = {"step": step, "train": last_train, "eval": last_eval,

@@ -153,3 +153,16 @@ def test_checkpoint_written_on_jax_loads_here(tmp_path):
     assert any(v.any() for v in train_state.values())  # the train stream's caches came along
     logs = model.train_on_batch(fixed_input(2, 32), return_dict=True)
     assert np.isfinite(logs["loss"])
+
+
+def test_tensorboard_events_when_installed(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed in this environment")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_training(validate_recipe(run_recipe(steps=4)), tmp_path)
+    train = EventAccumulator(str(tmp_path / "tensorboard" / "train"))
+    train.Reload()
+    assert [e.step for e in train.Scalars("bits_per_token")] == [2, 4]
+    evals = EventAccumulator(str(tmp_path / "tensorboard" / "eval"))
+    evals.Reload()
+    assert [e.step for e in evals.Scalars("bits_per_token")] == [4]
