@@ -5,9 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import resource
-import shlex
 import subprocess
-import sys
 import time
 
 

@@ -49,8 +49,6 @@ def _fwd_bwd(kernel, q, k, v, kwargs):
 
     if keras.backend.backend() != "torch":
         return None
-    import torch
-
     q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
 
     def step():

@@ -10,10 +10,8 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
-import textwrap
 import tomllib
 from pathlib import Path
 
@@ -22,10 +20,10 @@ import yaml
 
 from meliad_core import cli, plugins, recipes
 from meliad_core.hookspecs import hookimpl
+from plugin_dists import BROKEN_IMPORT, install_example, make_distribution
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
-THIRD_PARTY = TESTS / "third_party_plugin"
 FRAMEWORKS = {"jax": "jax", "torch": "torch", "tensorflow": "tensorflow"}
 
 
@@ -40,29 +38,10 @@ def current_backend() -> str:
     pytest.skip("no Keras backend framework is installed")
 
 
-def make_distribution(root: Path, name: str, version: str, entry_points: dict[str, str],
-                      modules: dict[str, str] | None = None, packages: dict[str, Path] | None = None) -> Path:
-    """Writes an importable distribution with `meliad` entry points into `root`; returns `root`."""
-    root.mkdir(parents=True, exist_ok=True)
-    for module, source in (modules or {}).items():
-        (root / f"{module}.py").write_text(textwrap.dedent(source), encoding="utf-8")
-    for package, source_dir in (packages or {}).items():
-        shutil.copytree(source_dir, root / package, ignore=shutil.ignore_patterns("__pycache__"))
-    info = root / f"{name.replace('-', '_')}-{version}.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n", encoding="utf-8")
-    lines = ["[meliad]"] + [f"{ep} = {target}" for ep, target in entry_points.items()]
-    (info / "entry_points.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return root
-
-
 @pytest.fixture(scope="module")
 def example_dir(tmp_path_factory) -> Path:
     """tests/third_party_plugin as if pip-installed."""
-    project = tomllib.loads((THIRD_PARTY / "pyproject.toml").read_text(encoding="utf-8"))["project"]
-    return make_distribution(tmp_path_factory.mktemp("example"), project["name"], project["version"],
-                             project["entry-points"]["meliad"],
-                             packages={"meliad_example_memory": THIRD_PARTY / "meliad_example_memory"})
+    return install_example(tmp_path_factory.mktemp("example"))
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +49,7 @@ def broken_dir(tmp_path_factory) -> Path:
     """A third-party distribution whose module cannot be imported."""
     return make_distribution(tmp_path_factory.mktemp("broken"), "meliad-broken-import", "1.0",
                              {"broken_import": "meliad_broken_import"},
-                             modules={"meliad_broken_import": 'raise ImportError("broken on purpose at import")\n'})
+                             modules=BROKEN_IMPORT)
 
 
 def env_with(*dirs: Path, **extra: str) -> dict[str, str]:
