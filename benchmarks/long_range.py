@@ -1,7 +1,7 @@
 """Does the model use the far past? Trains tiny XL, memorizing and block-recurrent models on the
 synthetic ledgers for the same budget, then scores long-range tokens (recalled facts) against the rest.
 
-    python benchmarks/long_range.py --backend jax                       # about 4 minutes on 2 CPU cores
+    python benchmarks/long_range.py --backend jax                       # about 3 minutes on 2 CPU cores
     python benchmarks/long_range.py --steps 2000 --eval-batches 64 --workdir runs/long_range
     python benchmarks/long_range.py --models xl memorizing --set model.num_layers=4
 
@@ -115,7 +115,7 @@ def main() -> None:
     parser.add_argument("--backend", choices=("jax", "torch", "tensorflow"),
                         default=os.environ.get("KERAS_BACKEND", "jax"))
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    parser.add_argument("--steps", type=int, default=150, help="training steps per model (default 150)")
+    parser.add_argument("--steps", type=int, default=500, help="training steps per model (default 500)")
     parser.add_argument("--eval-batches", type=int, default=32, help="eval batches the report streams (default 32)")
     parser.add_argument("--recipes", choices=("auto", "bundled", "inline"), default="auto",
                         help="bundled tiny recipes if all exist (auto), or the inline ones of this script")
@@ -125,7 +125,8 @@ def main() -> None:
     parser.add_argument("--memory-size", type=int, default=2048, help="inline recipes: memory.size")
     parser.add_argument("--neighbors", type=int, default=32, help="inline recipes: memory.neighbors")
     parser.add_argument("--states", type=int, default=64, help="inline recipes: recurrence.num_states")
-    parser.add_argument("--workdir", default=None, help="keep the runs in WORKDIR/<model> (default: a temporary folder)")
+    parser.add_argument("--workdir", default=None,
+                        help="keep the runs in WORKDIR/<model> (default: a temporary folder)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="extra recipe override for every model (repeatable)")
     parser.add_argument("--one", help=argparse.SUPPRESS)

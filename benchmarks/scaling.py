@@ -17,9 +17,9 @@ carried state (caches plus the keys and values of the memory).
 
 Each configuration runs in its own process (so peak memory is its own). Random token batches are fed
 with train_on_batch (the data pipeline is not timed), a document starts only on the first batch (the
-memory fills up), and after warm-up steps the median of several timed intervals is reported. On a CPU
-"peak MiB" is the process's peak resident set size (Python and the framework included); on a GPU it is
-the device's peak allocation.
+memory fills up), and after warm-up steps the median of several timed intervals (each of at least
+--steps steps and --min-tokens tokens) is reported. On a CPU "peak MiB" is the process's peak resident
+set size (Python and the framework included); on a GPU it is the device's peak allocation.
 """
 
 from __future__ import annotations
@@ -73,18 +73,19 @@ def one(size: str, part: str, value: int, args: argparse.Namespace) -> dict:
         return {"tokens": rng.integers(1, 259, size=(b, n)).astype("int32"),
                 "start_of_sequence": np.full((b,), next(counter) == 0)}
 
+    steps = max(args.steps, -(-args.min_tokens // (b * n)))  # short segments: more steps per interval
     reset_peak_memory()
     for _ in range(args.warmup):
         model.train_on_batch(batch())
     times = []
     for _ in range(args.intervals):
-        batches = [batch() for _ in range(args.steps)]
+        batches = [batch() for _ in range(steps)]
         start = time.perf_counter()
         for x in batches:
             logs = model.train_on_batch(x, return_dict=True)
         float(logs["loss"])  # waits for the device
         times.append(time.perf_counter() - start)
-    seconds = statistics.median(times) / args.steps
+    seconds = statistics.median(times) / steps
     state_bytes = sum(int(np.prod(v.shape)) * np.dtype(str(v.dtype)).itemsize
                       for v in model.state_vars["train"].values())
     return {"part": part, "value": value, "backend": keras.backend.backend(), "device": accelerator_in_use(),
@@ -115,7 +116,9 @@ def main() -> None:
     parser.add_argument("--neighbors", type=int, default=128, help="memory.neighbors of the memory part (default 128)")
     parser.add_argument("--kernel", default="auto", help="attention.kernel for every run (default auto)")
     parser.add_argument("--batch-size", type=int, default=None, help="override data.batch_size")
-    parser.add_argument("--steps", type=int, default=3, help="steps per timed interval")
+    parser.add_argument("--steps", type=int, default=3, help="steps per timed interval (at least)")
+    parser.add_argument("--min-tokens", type=int, default=8192,
+                        help="tokens per timed interval (at least; more steps for short segments)")
     parser.add_argument("--intervals", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
@@ -133,7 +136,8 @@ def main() -> None:
     env = {**os.environ, "KERAS_BACKEND": args.backend}
     shared = ["--size", args.size, "--window", str(args.window), "--memory-segment-length",
               str(args.memory_segment_length), "--neighbors", str(args.neighbors), "--kernel", args.kernel,
-              "--steps", str(args.steps), "--intervals", str(args.intervals), "--warmup", str(args.warmup)]
+              "--steps", str(args.steps), "--min-tokens", str(args.min_tokens), "--intervals", str(args.intervals),
+              "--warmup", str(args.warmup)]
     if args.batch_size:
         shared += ["--batch-size", str(args.batch_size)]
     for text in args.sets:

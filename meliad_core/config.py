@@ -123,6 +123,7 @@ class TrainConfig:
 class EvalConfig:
     every: int = 1000
     steps: int = 10
+    report_batches: int = 0  # > 0: end the run with the long-range report over this many eval batches
 
 
 @dataclass(frozen=True)
@@ -284,6 +285,7 @@ def validate_recipe(mapping: dict) -> Recipe:
     _positive(t.log_every, "train.log_every")
     _positive(recipe.eval.every, "eval.every")
     _positive(recipe.eval.steps, "eval.steps", allow_zero=True)
+    _positive(recipe.eval.report_batches, "eval.report_batches", allow_zero=True)
     _check(
         d.segment_length % a.window == 0,
         f"data.segment_length: got {d.segment_length}, expected a multiple of attention.window ({a.window})",

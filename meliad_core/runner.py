@@ -241,4 +241,8 @@ def run_training(recipe: Recipe, workdir: Path, load_dir: Path | None = None, ou
         parts.append(f"{total.summary()['tokens_per_second']:,.0f} tokens/s")
     parts.append(f"workdir {workdir}")
     print(" | ".join(parts), file=out, flush=True)
+    if recipe.eval.report_batches > 0:
+        from meliad_core.report import long_range_report
+
+        summary["report"] = long_range_report(workdir, batches=recipe.eval.report_batches, out=out)
     return summary
