@@ -136,12 +136,18 @@ class MeliadLM(keras.Model):
         with self.inference_stream("eval"):
             return super().test_on_batch(*args, **kwargs)
 
+    def _predict_stream(self):
+        """`predict` uses the predict stream; a model built without one keeps its current stream."""
+        if "predict" in self.state_vars:
+            return self.inference_stream("predict")
+        return contextlib.nullcontext()
+
     def predict(self, *args, **kwargs):
-        with self.inference_stream("predict"):
+        with self._predict_stream():
             return super().predict(*args, **kwargs)
 
     def predict_on_batch(self, *args, **kwargs):
-        with self.inference_stream("predict"):
+        with self._predict_stream():
             return super().predict_on_batch(*args, **kwargs)
 
     # -- loss and metrics ------------------------------------------------------------------------

@@ -200,7 +200,7 @@ def long_range_report(workdir, batches: int | None = None, out=None, *, bucket_w
             positions = tracker.update(batch["start_of_sequence"])
             documents += int(np.count_nonzero(batch["start_of_sequence"]))
             # the model's own traced inference function on its eval stream (the model keeps no other)
-            logits = keras.Model.predict_on_batch(model, _model_inputs(batch))
+            logits = model.predict_on_batch(_model_inputs(batch))
             nats, valid, _ = token_losses(batch["tokens"], logits)
             nats = np.asarray(keras.ops.convert_to_numpy(nats), dtype=np.float64)
             valid = np.asarray(keras.ops.convert_to_numpy(valid)) > 0
