@@ -44,6 +44,7 @@ class ModelConfig:
     dropout: float = 0.05
     attn_dropout: float = 0.05
     position_bias: str = "t5"
+    absolute_positions: bool = False  # sinusoids added to the embeddings (meliad's use_absolute_positions)
     position_buckets: int = 32
     position_max_distance: int = 128
     normalize_keys: bool = True

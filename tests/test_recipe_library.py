@@ -61,7 +61,7 @@ def test_the_library_is_there():
         "base", "trainer", *PAPER_RUNS, *(f"{run}_tiny" for run in PAPER_RUNS),
         *(f"sizes/{s}" for s in ("tiny_test", "small_test", "small", "small_37M", "small_75M", "medium_150M",
                                  "medium_300M", "large_600M", "large_1200M", "layer13", "layer24", "layer26")),
-        *(f"options/{o}" for o in ("positions_t5", "positions_none", "seq_512", "seq_1024", "seq_2048", "seq_4096",
+        *(f"options/{o}" for o in ("positions_t5", "positions_none", "positions_absolute", "seq_512", "seq_1024", "seq_2048", "seq_4096",
                                    "seq_512_nocache", "seq_1024_nocache", "seq_2048_nocache", "lr_cosine_decay",
                                    "lr_rsqrt_decay", "lr_rsqrt_decay_std", "lr_linear_decay",
                                    "lr_cosine_decay_spike", "lr_max_steps_125k", "lr_max_steps_250k",
@@ -74,8 +74,6 @@ def test_the_library_is_there():
         "tasks/synthetic", "tasks/pg19_bytes", "tasks/pg19_tokens",
     }
     assert expected <= set(ALL), sorted(expected - set(ALL))
-    # absolute sinusoid positions are not built: no recipe may pretend they are
-    assert "options/positions_absolute" not in ALL
 
 
 @pytest.mark.parametrize("name", ALL)

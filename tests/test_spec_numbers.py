@@ -131,3 +131,23 @@ def test_recurrent_layer_overhead(variant, expected_millions):
     expected = skip if variant == "skip" else skip + e + 2 * e * 4096 + e  # + state FFN, its norm and gate
     assert overhead == expected
     assert round(overhead / 1e6, 1) == pytest.approx(expected_millions, abs=0.05)
+
+
+def test_absolute_positions_are_meliads_sinusoids():
+    from meliad_core.layers.stack import absolute_position_embeddings
+
+    emb = absolute_position_embeddings(6, 8)  # 4 wavelengths: 10000^(0, 1/4, 2/4, 3/4)
+    k, j = 5, 2
+    angle = np.pi * k / 10000.0 ** (j / 4)
+    assert emb[k, j] == pytest.approx(np.cos(angle), rel=1e-6)  # cosine block first
+    assert emb[k, 4 + j] == pytest.approx(np.sin(angle), rel=1e-6)
+    np.testing.assert_allclose(emb[0], [1, 1, 1, 1, 0, 0, 0, 0])
+
+
+def test_absolute_positions_change_the_logits_by_position():
+    recipe = {"model": {**dict(num_layers=1, embed_dim=8, num_heads=2, head_dim=4, mlp_dim=8, vocab_size=5),
+                        "absolute_positions": True, "position_bias": "none", "dropout": 0.0, "attn_dropout": 0.0},
+              "attention": {"window": 4}, "data": {"segment_length": 4, "batch_size": 1}}
+    model = make_model(recipe, streams=("predict",))
+    logits = to_numpy(model({"tokens": np.full((1, 4), 3, "int32"), "start_of_sequence": np.array([True])}))
+    assert not np.allclose(logits[0, 1], logits[0, 2])  # same token, same (uniform) context, other position

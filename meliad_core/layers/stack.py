@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import keras
+import numpy as np
 from keras import ops
 
 from meliad_core.config import Recipe
@@ -16,6 +17,18 @@ from meliad_core.layers.attention import select_kernel
 from meliad_core.layers.common import RMSNorm, tiled_dropout
 from meliad_core.layers.transformer import TransformerLayer
 from meliad_core.plugins import resolve
+
+
+def absolute_position_embeddings(length: int, width: int) -> np.ndarray:
+    """meliad's sinusoids for positions 0..length−1 of a segment: angle π·k/wavelength with
+    wavelengths 10000^t, t evenly spaced in [0, 1); the cosine block first, then the sine block."""
+    half = width // 2
+    wavelengths = 10000.0 ** (np.arange(half, dtype=np.float64) / half)
+    angles = np.pi * np.arange(length, dtype=np.float64)[:, None] / wavelengths[None, :]
+    embeddings = np.concatenate([np.cos(angles), np.sin(angles)], axis=1)
+    if width % 2:
+        embeddings = np.pad(embeddings, ((0, 0), (0, 1)))
+    return embeddings.astype("float32")
 
 
 def logit_divisor(logit_scale: str, vocab_size: int, embed_dim: int) -> float:
@@ -67,6 +80,8 @@ class DecoderStack(keras.layers.Layer):
     def call(self, tokens, state: dict, start_of_sequence, training: bool = False):
         """tokens (B, N) int; state as in `state_shapes`. Returns (logits (B, N, V), new_state)."""
         x = ops.take(ops.cast(self.embedding, self.compute_dtype), tokens % self.vocab_size, axis=0)
+        if self.recipe.model.absolute_positions:
+            x = x + ops.cast(absolute_position_embeddings(x.shape[1], x.shape[2]), x.dtype)[None]
         per_layer = [{key.split("/", 1)[1]: value for key, value in state.items()
                       if key.split("/", 1)[0] == block.name} for block in self.blocks]
         if self.feedback:
