@@ -7,6 +7,7 @@ block per recurrent step.
 
 from __future__ import annotations
 
+import functools
 from typing import Protocol
 
 import numpy as np
@@ -23,10 +24,16 @@ def relative_positions(num_queries: int, num_keys: int, offset: int | None = Non
     return np.arange(num_keys, dtype=np.int32)[None, :] - (np.arange(num_queries, dtype=np.int32)[:, None] + offset)
 
 
+@functools.lru_cache(maxsize=64)
 def window_mask(num_queries: int, num_keys: int, window: int, offset: int | None = None) -> np.ndarray:
-    """meliad's causal mask: each query sees exactly the `window` keys before it, never itself (spec §3.3)."""
+    """meliad's causal mask: each query sees exactly the `window` keys before it, never itself (spec §3.3).
+
+    Cached (eager backends would rebuild it every step); the array is read-only.
+    """
     rel = relative_positions(num_queries, num_keys, offset)
-    return (rel < 0) & (rel >= -window)
+    mask = (rel < 0) & (rel >= -window)
+    mask.flags.writeable = False
+    return mask
 
 
 def safe_softmax(x, axis: int = -1, min_x: float = SAFE_SOFTMAX_MIN):

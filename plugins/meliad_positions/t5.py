@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import keras
 import numpy as np
 from keras import ops
@@ -30,6 +32,15 @@ def relative_position_bucket(rel: np.ndarray, bidirectional: bool = False, num_b
     return ret + np.where(n < max_exact, n, large)
 
 
+@functools.lru_cache(maxsize=64)
+def _buckets(num_queries: int, num_keys: int, offset: int | None, num_buckets: int, max_distance: int) -> np.ndarray:
+    """The (Q, K) bucket table of one geometry; cached so eager backends do not rebuild it every step."""
+    buckets = relative_position_bucket(relative_positions(num_queries, num_keys, offset),
+                                       num_buckets=num_buckets, max_distance=max_distance)
+    buckets.flags.writeable = False
+    return buckets
+
+
 class T5RelativeBias(keras.layers.Layer):
     """Returns bias[h, i, j] = table[h, bucket(j − (i + offset))], shape (H, Q, K)."""
 
@@ -47,8 +58,7 @@ class T5RelativeBias(keras.layers.Layer):
         )
 
     def compute_bias(self, num_queries: int, num_keys: int, offset: int | None = None):
-        buckets = relative_position_bucket(relative_positions(num_queries, num_keys, offset),
-                                           num_buckets=self.num_buckets, max_distance=self.max_distance)
+        buckets = _buckets(num_queries, num_keys, offset, self.num_buckets, self.max_distance)
         return ops.take(self.table, ops.convert_to_tensor(buckets), axis=1)
 
     def get_config(self):
