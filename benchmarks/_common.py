@@ -89,3 +89,22 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for row in rows:
         print("| " + " | ".join(str(x).ljust(w) for x, w in zip(row, widths)) + " |")
+
+
+def time_training(model, make_batch, steps: int, intervals: int, warmup: int) -> float:
+    """Seconds per train_on_batch step: the median over `intervals` timed runs of `steps` steps,
+    after `warmup` steps. `make_batch(i)` returns the i-th input batch (made outside the timing)."""
+    import statistics
+
+    reset_peak_memory()
+    for i in range(warmup):
+        model.train_on_batch(make_batch(i))
+    times = []
+    for _ in range(intervals):
+        batches = [make_batch(warmup + i) for i in range(steps)]
+        start = time.perf_counter()
+        for x in batches:
+            logs = model.train_on_batch(x, return_dict=True)
+        float(logs["loss"])  # waits for the device
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) / steps

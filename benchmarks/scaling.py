@@ -27,10 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -51,7 +49,7 @@ def one(size: str, part: str, value: int, args: argparse.Namespace) -> dict:
     import keras
     import numpy as np
 
-    from _common import accelerator_in_use, peak_memory_mib, reset_peak_memory
+    from _common import accelerator_in_use, peak_memory_mib, time_training
     from meliad_core.config import validate_recipe
     from meliad_core.model import build_model
     from meliad_core.optimizers import make_optimizer
@@ -67,25 +65,13 @@ def one(size: str, part: str, value: int, args: argparse.Namespace) -> dict:
     model.compile(optimizer=make_optimizer(recipe.train, 10_000))
     b, n = recipe.data.batch_size, recipe.data.segment_length
     rng = np.random.default_rng(0)
-    counter = iter(range(1 << 30))
 
-    def batch():
+    def batch(i):
         return {"tokens": rng.integers(1, 259, size=(b, n)).astype("int32"),
-                "start_of_sequence": np.full((b,), next(counter) == 0)}
+                "start_of_sequence": np.full((b,), i == 0)}
 
     steps = max(args.steps, -(-args.min_tokens // (b * n)))  # short segments: more steps per interval
-    reset_peak_memory()
-    for _ in range(args.warmup):
-        model.train_on_batch(batch())
-    times = []
-    for _ in range(args.intervals):
-        batches = [batch() for _ in range(steps)]
-        start = time.perf_counter()
-        for x in batches:
-            logs = model.train_on_batch(x, return_dict=True)
-        float(logs["loss"])  # waits for the device
-        times.append(time.perf_counter() - start)
-    seconds = statistics.median(times) / steps
+    seconds = time_training(model, batch, steps, args.intervals, args.warmup)
     state_bytes = sum(int(np.prod(v.shape)) * np.dtype(str(v.dtype)).itemsize
                       for v in model.state_vars["train"].values())
     return {"part": part, "value": value, "backend": keras.backend.backend(), "device": accelerator_in_use(),

@@ -13,10 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -38,7 +36,7 @@ def one(size: str, arch: str, steps: int, intervals: int, warmup: int, kernel: s
     import keras
     import numpy as np
 
-    from _common import accelerator_in_use, peak_memory_mib, reset_peak_memory
+    from _common import accelerator_in_use, peak_memory_mib, time_training
     from meliad_core.config import validate_recipe
     from meliad_core.model import build_model
     from meliad_core.optimizers import make_optimizer
@@ -60,18 +58,7 @@ def one(size: str, arch: str, steps: int, intervals: int, warmup: int, kernel: s
         return {"tokens": rng.integers(1, 259, size=(b, n)).astype("int32"),
                 "start_of_sequence": np.full((b,), i % 8 == 0)}
 
-    reset_peak_memory()
-    for i in range(warmup):
-        model.train_on_batch(batch(i))
-    times = []
-    for _ in range(intervals):
-        batches = [batch(i) for i in range(steps)]
-        start = time.perf_counter()
-        for x in batches:
-            logs = model.train_on_batch(x, return_dict=True)
-        float(logs["loss"])  # waits for the device
-        times.append(time.perf_counter() - start)
-    seconds = statistics.median(times) / steps
+    seconds = time_training(model, batch, steps, intervals, warmup)
     params = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
     return {"size": size, "arch": arch, "backend": keras.backend.backend(), "device": accelerator_in_use(),
             "batch": f"{b}x{n}", "params": params, "step_ms": seconds * 1000, "tokens_per_s": b * n / seconds,
