@@ -26,11 +26,12 @@ LOG2E = 1.0 / math.log(2.0)
 def token_losses(tokens, logits):
     """Per-token nats and the validity mask, as meliad scores a segment (spec §10.3).
 
-    Targets are the inputs shifted left inside the segment with 0 appended, so the last position
-    (and with it the first token of the next segment) is never scored; id 0 is padding.
+    Ids are taken modulo V first, as the embedding does. Targets are the inputs shifted left inside
+    the segment with 0 appended, so the last position (and with it the first token of the next
+    segment) is never scored; id 0 is padding.
     Returns (nats (B, N) float32, valid (B, N) float32, targets (B, N) int32).
     """
-    tokens = ops.cast(tokens, "int32")
+    tokens = ops.cast(tokens, "int32") % logits.shape[-1]
     targets = ops.concatenate([tokens[:, 1:], ops.zeros_like(tokens[:, :1])], axis=1)
     valid = ops.cast(ops.logical_and(tokens > 0, targets > 0), "float32")
     nats = ops.sparse_categorical_crossentropy(targets, ops.cast(logits, "float32"), from_logits=True)

@@ -64,3 +64,23 @@ def copy_trainable(source, target) -> None:
 def segment_batch(tokens: np.ndarray, start: bool | np.ndarray) -> dict:
     sos = np.broadcast_to(np.asarray(start, bool), (tokens.shape[0],)).copy()
     return {"tokens": tokens.astype("int32"), "start_of_sequence": sos}
+
+
+def input_gradient(fn, x: np.ndarray) -> np.ndarray:
+    """d sum(fn(x)) / dx with the current backend's autodiff (tests only; the library never needs it)."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return np.asarray(jax.grad(lambda t: fn(t).sum())(x))
+    if backend == "torch":
+        t = keras.ops.convert_to_tensor(x).detach().requires_grad_(True)
+        fn(t).sum().backward()
+        return t.grad.cpu().numpy()
+    import tensorflow as tf
+
+    t = tf.convert_to_tensor(x)
+    with tf.GradientTape() as tape:
+        tape.watch(t)
+        total = tf.reduce_sum(fn(t))
+    return tape.gradient(total, t).numpy()

@@ -201,3 +201,32 @@ def test_wrong_batch_size_is_a_clear_error():
     model = make_model(tiny_recipe("xl"))
     with pytest.raises(ValueError, match="batch_size 2"):
         model(segment_batch(np.ones((3, 8), "int32"), True))
+
+
+@pytest.mark.parametrize("feedback", [False, True], ids=["layer-windows", "stack-windows-feedback"])
+def test_gradient_flows_from_window_to_window_inside_a_segment(feedback):
+    """Within a segment the previous window's keys and the recurrent state carry gradient (spec §4.1, §8.3,
+    §8.6); only what is stored for the next segment is cut."""
+    from model_helpers import input_gradient
+
+    model = make_model(tiny_recipe("recurrent", recurrence={"feedback": feedback}))
+    randomize_weights(model, seed=13)
+    stack = model.stack
+    state = {key: var.value for key, var in model.state_vars["predict"].items()}
+    sos = np.array([True, True])
+    w = 4
+
+    def window1_output(x):
+        per_layer = [{k.split("/", 1)[1]: v for k, v in state.items() if k.split("/", 1)[0] == b.name}
+                     for b in stack.blocks]
+        if feedback:
+            y, _ = stack._feedback_windows(x, per_layer, sos, training=False)
+        else:
+            y = x
+            for i, block in enumerate(stack.blocks):
+                y, _ = block(y, per_layer[i], sos, training=False)
+        return y[:, w:]
+
+    x = np.random.default_rng(14).normal(size=(2, 2 * w, 16)).astype("float32")
+    grad = input_gradient(window1_output, x)
+    assert np.abs(grad[:, :w]).max() > 1e-4  # window 0's input reaches window 1's output

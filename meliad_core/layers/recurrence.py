@@ -70,7 +70,7 @@ class RecurrentCell(keras.layers.Layer):
 
     def start_state(self, cached_state, start_of_sequence):
         """The learned initial state for slots starting a document, else the carried one."""
-        init = ops.cast(self.initial_state, cached_state.dtype)[None]
+        init = ops.cast(self.initial_state, cached_state.dtype)[None]  # the variable's dtype may differ
         return ops.where(ops.reshape(start_of_sequence, (-1, 1, 1)), init, cached_state)
 
     def state_kvq(self, state):

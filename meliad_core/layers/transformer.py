@@ -11,7 +11,9 @@ The layer is a function of (x, state, start_of_sequence) returning (y, new_state
     [recurrence] the state steps block by block; tokens of block w also attend to the state c_w
     y = x + concat_heads(...)·Wo;  out = y + dropout(relu(RMSNorm(y)·W1)·W2)
 
-Everything carried to the next segment is stop-gradient (truncated backprop, as in meliad).
+The carried state keeps its gradient within a segment (stack-level windows pass it from window to
+window); the model stops the gradient when it stores the state for the next segment (truncated
+backprop, as in meliad).
 """
 
 from __future__ import annotations
@@ -135,13 +137,16 @@ class TransformerLayer(keras.layers.Layer):
         vb = ops.reshape(v, (-1, num_blocks, w, h, d))
         if self.xl_cache:
             sos = ops.reshape(start_of_sequence, (-1, 1, 1, 1))
-            prev_k = ops.where(sos, ops.zeros_like(state["keys"]), ops.cast(state["keys"], k.dtype))
-            prev_v = ops.where(sos, ops.zeros_like(state["values"]), ops.cast(state["values"], v.dtype))
+            cached_k, cached_v = ops.cast(state["keys"], k.dtype), ops.cast(state["values"], v.dtype)
+            prev_k = ops.where(sos, ops.zeros_like(cached_k), cached_k)
+            prev_v = ops.where(sos, ops.zeros_like(cached_v), cached_v)
             kw = ops.concatenate([ops.concatenate([prev_k[:, None], kb[:, :-1]], axis=1), kb], axis=2)
             vw = ops.concatenate([ops.concatenate([prev_v[:, None], vb[:, :-1]], axis=1), vb], axis=2)
             num_keys, offset = 2 * w, w
-            new_state["keys"] = ops.stop_gradient(kb[:, -1])
-            new_state["values"] = ops.stop_gradient(vb[:, -1])
+            # No stop_gradient here: with stack-level windows (block feedback) this carry is
+            # differentiable within the segment; the model cuts the gradient when it stores state.
+            new_state["keys"] = kb[:, -1]
+            new_state["values"] = vb[:, -1]
         else:  # one window covering the segment, no cache (meliad's "nocache" configs)
             kw, vw = kb, vb
             num_keys, offset = w, 0
@@ -208,7 +213,7 @@ class TransformerLayer(keras.layers.Layer):
             # Tokens of block g read the state they started with (c), never c_next.
             outputs.append(self.kernel.attend(q2b[:, g:g + 1], kr[:, None], vr[:, None], scale=token_scale2))
             c = cell.update(c, attended)
-        return ops.concatenate(outputs, axis=1), ops.stop_gradient(c)
+        return ops.concatenate(outputs, axis=1), c  # the model stops the gradient when it stores c
 
     def feedback_kv(self, state, start_of_sequence):
         """Keys and values of this (recurrent) layer's state at the start of a window, for block feedback."""
