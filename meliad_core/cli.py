@@ -3,7 +3,7 @@
 Importing this module does not import Keras: `meliad run` must set KERAS_BACKEND before the first
 Keras import, and plugins (which may import Keras) are only loaded when a command needs them.
 Bad input of any kind ends with exactly one line on stderr, prefixed `meliad: error: `, and exit
-status 2; a part that is not built yet ends with its one-line message and exit status 1.
+status 2.
 """
 
 from __future__ import annotations
@@ -302,9 +302,6 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
         runner = sys.modules.get("meliad_core.runner")
         data = sys.modules.get("meliad_core.data")
         report = sys.modules.get("meliad_core.report")
-        if runner is not None and isinstance(exc, runner.NotBuiltYet):
-            click.echo(_one_line(str(exc)), err=True)
-            return EXIT_FAILED
         if (runner is not None and isinstance(exc, runner.RunError)) or (
                 data is not None and isinstance(exc, data.DataError)) or (
                 report is not None and isinstance(exc, report.ReportError)):

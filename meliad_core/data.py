@@ -71,9 +71,6 @@ class Document:
     long_range_spans: tuple[tuple[int, int], ...] = ()
     name: str = ""
 
-    def spans_text(self) -> list[str]:
-        return [self.text[s:e] for s, e in self.long_range_spans]
-
 
 def as_document(item: Any) -> Document:
     """A `Document` from what a source yields: a Document, a str, or UTF-8 bytes."""

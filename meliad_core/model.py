@@ -64,6 +64,7 @@ class MeliadLM(keras.Model):
         self.nats_tracker = keras.metrics.Mean(name="nats_per_token")
         self.bits_tracker = keras.metrics.Mean(name="bits_per_token")
         self.accuracy_tracker = keras.metrics.Mean(name="accuracy")
+        self.scored_tracker = keras.metrics.Sum(name="scored_tokens")  # the weight of the means above
 
     def build(self, input_shape=None):
         self.stack.build(None)
@@ -73,18 +74,12 @@ class MeliadLM(keras.Model):
     def reset_state(self, stream: str | None = None) -> None:
         """Empties the caches, memories and recurrent states of one stream (all streams if None)."""
         for name in [stream] if stream else self.streams:
-            if name not in self.state_vars:
-                raise ValueError(f"unknown stream {name!r}; streams are {', '.join(self.streams)}")
-            for var in self.state_vars[name].values():
+            for var in self.state_vars[self._check_stream(name)].values():
                 var.assign(ops.zeros(var.shape, var.dtype))
 
     def get_stream_state(self, stream: str) -> dict[str, np.ndarray]:
         """A copy of one stream's state (copied: on torch, numpy views share the variable's storage)."""
         return {key: np.array(keras.ops.convert_to_numpy(var), copy=True) for key, var in self.state_vars[stream].items()}
-
-    def set_stream_state(self, stream: str, values: dict[str, np.ndarray]) -> None:
-        for key, var in self.state_vars[stream].items():
-            var.assign(values[key])
 
     # -- forward ---------------------------------------------------------------------------------
 
@@ -100,9 +95,7 @@ class MeliadLM(keras.Model):
     def call(self, inputs, training: bool = False, stream: str | None = None):
         tokens = self._tokens(inputs)
         sos = ops.reshape(ops.cast(inputs["start_of_sequence"], "bool"), (-1,))
-        stream = stream or ("train" if training else self._inference_stream)
-        if stream not in self.state_vars:
-            raise ValueError(f"this model keeps no {stream!r} stream; it keeps {', '.join(self.streams)}")
+        stream = self._check_stream(stream or ("train" if training else self._inference_stream))
         if tokens.shape[0] is not None and tokens.shape[0] != self.batch_size:
             raise ValueError(f"batch of {tokens.shape[0]} rows, but this model was built for batch_size "
                              f"{self.batch_size}: each row is one document stream, so the batch size is fixed")
@@ -118,12 +111,15 @@ class MeliadLM(keras.Model):
 
     # -- keras entry points use their own stream ------------------------------------------------------
 
+    def _check_stream(self, stream: str) -> str:
+        if stream not in self.state_vars:
+            raise ValueError(f"this model keeps no {stream!r} stream; it keeps {', '.join(self.streams)}")
+        return stream
+
     @contextlib.contextmanager
     def inference_stream(self, stream: str):
         """Calls with training=False inside this block use `stream` (traced functions read it once)."""
-        if stream not in self.state_vars:
-            raise ValueError(f"this model keeps no {stream!r} stream; it keeps {', '.join(self.streams)}")
-        previous, self._inference_stream = self._inference_stream, stream
+        previous, self._inference_stream = self._inference_stream, self._check_stream(stream)
         try:
             yield
         finally:
@@ -166,6 +162,7 @@ class MeliadLM(keras.Model):
         self.nats_tracker.update_state(nats, sample_weight=valid)
         self.bits_tracker.update_state(nats * LOG2E, sample_weight=valid)
         self.accuracy_tracker.update_state(correct, sample_weight=valid)
+        self.scored_tracker.update_state(ops.sum(valid))
         return self.get_metrics_result()
 
     def non_embedding_parameter_count(self) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -256,6 +255,3 @@ class LazyObject:
     def __repr__(self) -> str:
         return f"LazyObject({self._target!r})"
 
-
-def format_traceback(exc: BaseException) -> str:
-    return "".join(traceback.format_exception(exc))

@@ -27,17 +27,8 @@ LOG2E = 1.0 / math.log(2.0)
 RUN_STREAMS = ("train", "eval")  # the streams a run's model (and so its checkpoints) keeps
 
 
-class NotBuiltYet(RuntimeError):
-    """A part of meliad that does not exist yet; the message says which."""
-
-
 class RunError(RuntimeError):
     """A run that cannot start or continue; the message is one line for the user."""
-
-
-def _scored_tokens(tokens: np.ndarray) -> int:
-    """Tokens the loss counts: non-padding with a non-padding target inside the segment (spec §10.3)."""
-    return int(np.count_nonzero((tokens[:, :-1] > 0) & (tokens[:, 1:] > 0)))
 
 
 class MetricsLog:
@@ -75,7 +66,7 @@ class Accumulator:
         self.processed = 0
 
     def add(self, logs: dict, batch: dict, seconds: float = 0.0) -> None:
-        count = _scored_tokens(batch["tokens"])
+        count = float(logs["scored_tokens"])  # the model's own count of the tokens its loss scores
         self.nats += float(logs["nats_per_token"]) * count
         self.correct += float(logs["accuracy"]) * count
         self.tokens += count

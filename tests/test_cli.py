@@ -319,19 +319,6 @@ def test_run_rejects_a_missing_load_dir(calls, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and err.startswith("meliad: error: meliad run: Invalid value for '--load-dir'")
 
 
-def test_run_not_built_yet_exits_1_with_its_message(monkeypatch, capsys):
-    from meliad_core import runner
-
-    monkeypatch.setenv("KERAS_BACKEND", current_backend())
-
-    def not_yet(recipe, workdir, load_dir=None):
-        raise runner.NotBuiltYet("meliad run: training is not built yet (the recipe is valid)")
-
-    monkeypatch.setattr(runner, "run_training", not_yet)
-    assert cli.run_cli(["run", "sizes/tiny_test", "--backend", current_backend()]) == 1
-    assert capsys.readouterr().err == "meliad run: training is not built yet (the recipe is valid)\n"
-
-
 def test_plugins_can_add_commands_but_not_replace_builtins(monkeypatch, capsys):
     class Commands:
         @hookimpl

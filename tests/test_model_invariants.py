@@ -217,8 +217,7 @@ def test_gradient_flows_from_window_to_window_inside_a_segment(feedback):
     w = 4
 
     def window1_output(x):
-        per_layer = [{k.split("/", 1)[1]: v for k, v in state.items() if k.split("/", 1)[0] == b.name}
-                     for b in stack.blocks]
+        per_layer = stack.split_state(state)
         if feedback:
             y, _ = stack._feedback_windows(x, per_layer, sos, training=False)
         else:

@@ -54,6 +54,7 @@ class RecurrentCell(keras.layers.Layer):
         self.w_v = self.add_weight(shape=(e, hd), initializer=kernel_init(), name="values")
         self.w_q = self.add_weight(shape=(e, hd), initializer=kernel_init(), name="queries")
         self.w_q2 = self.add_weight(shape=(e, hd), initializer=kernel_init(), name="queries2")
+        self.scale = self.scale2 = None  # learned scales only with normalised keys, as on the token side
         if self.normalize_keys:
             self.scale = self.add_weight(shape=(self.num_heads,), initializer="ones", name="attention_scale")
             self.scale2 = self.add_weight(shape=(self.num_heads,), initializer="ones", name="attention_scale2")
@@ -85,9 +86,6 @@ class RecurrentCell(keras.layers.Layer):
             return l2_normalize(k), v, l2_normalize(q), l2_normalize(q2)
         scale = 1.0 / (d ** 0.5)
         return k, v, q * scale, q2 * scale
-
-    def scales(self):
-        return (self.scale, self.scale2) if self.normalize_keys else (None, None)
 
     def update(self, state, attended):
         """c_next from the concatenated (self, cross) attention output `attended` (B, S, 2·H·D)."""

@@ -77,13 +77,21 @@ class DecoderStack(keras.layers.Layer):
         return {f"{block.name}/{key}": spec for block in self.blocks
                 for key, spec in block.state_shapes(batch_size).items()}
 
+    def split_state(self, state: dict) -> list[dict]:
+        """Flat 'transformer{i}/name' state -> one {name: value} dict per layer."""
+        per_layer = [{} for _ in self.blocks]
+        index = {block.name: i for i, block in enumerate(self.blocks)}
+        for key, value in state.items():
+            layer, name = key.split("/", 1)
+            per_layer[index[layer]][name] = value
+        return per_layer
+
     def call(self, tokens, state: dict, start_of_sequence, training: bool = False):
         """tokens (B, N) int; state as in `state_shapes`. Returns (logits (B, N, V), new_state)."""
         x = ops.take(ops.cast(self.embedding, self.compute_dtype), tokens % self.vocab_size, axis=0)
         if self.recipe.model.absolute_positions:
             x = x + ops.cast(absolute_position_embeddings(x.shape[1], x.shape[2]), x.dtype)[None]
-        per_layer = [{key.split("/", 1)[1]: value for key, value in state.items()
-                      if key.split("/", 1)[0] == block.name} for block in self.blocks]
+        per_layer = self.split_state(state)
         if self.feedback:
             x, per_layer = self._feedback_windows(x, per_layer, start_of_sequence, training)
         else:

@@ -62,6 +62,8 @@ class TransformerLayer(keras.layers.Layer):
         self.w_v = self.add_weight(shape=(e, hd), initializer=kernel_init(), name="values")
         if self.cross:
             self.w_q2 = self.add_weight(shape=(e, hd), initializer=kernel_init(), name="queries2")
+        # learned per-head scales only with normalised keys; otherwise queries carry 1/√D and no scale
+        self.scale = self.scale2 = None
         if model.normalize_keys:
             self.scale = self.add_weight(shape=(h,), initializer="ones", name="attention_scale")
             if self.cross:
@@ -122,7 +124,6 @@ class TransformerLayer(keras.layers.Layer):
         n, w = x.shape[1], self.window
         num_blocks = n // w
         h, d = cfg.num_heads, cfg.head_dim
-        scale = self.scale if cfg.normalize_keys else None
         new_state = {}
 
         xn = tiled_dropout(self.pre_attn_norm(x), cfg.dropout, self.seed_generator, training)
@@ -154,7 +155,7 @@ class TransformerLayer(keras.layers.Layer):
         bias = None
         if self.position_bias is not None:
             bias = self.position_bias.compute_bias(w, num_keys, offset)
-        y = self.kernel.attend(qb, kw, vw, bias=bias, mask=mask, scale=scale,
+        y = self.kernel.attend(qb, kw, vw, bias=bias, mask=mask, scale=self.scale,
                                dropout_mask=self._attn_dropout((h, w, num_keys), training))
         y = ops.reshape(y, (-1, n, h, d))
 
@@ -171,7 +172,7 @@ class TransformerLayer(keras.layers.Layer):
                 raise ValueError(f"{self.name}: built for block feedback but called without feedback_kv")
             q2 = ops.reshape(self._queries(xn, self.w_q2), (-1, 1, n, h, d))
             fk, fv = feedback_kv
-            y_cross = self.kernel.attend(q2, fk[:, None], fv[:, None], scale=self.scale2 if cfg.normalize_keys else None)
+            y_cross = self.kernel.attend(q2, fk[:, None], fv[:, None], scale=self.scale2)
             y = ops.concatenate([y, ops.reshape(y_cross, (-1, n, h, d))], axis=2)
 
         hidden = x + ops.matmul(merge_heads(y), self.w_out)
@@ -183,14 +184,12 @@ class TransformerLayer(keras.layers.Layer):
         mem = self.memory
         key_db, value_db, index = reset_rows(state["memory_keys"], state["memory_values"], state["memory_index"],
                                              start_of_sequence)
-        q_t = ops.stop_gradient(ops.transpose(q, (0, 2, 1, 3)))  # (B, H, N, D)
-        r_keys, r_values = self.memory_store.retrieve(key_db, value_db, filled_slots(index, mem.size), q_t,
-                                                      mem.neighbors, mem.query_chunk)
-        r_keys, r_values = ops.stop_gradient(r_keys), ops.stop_gradient(r_values)
-        # The gradient reaches the current queries (not the memory), the scale and the gate.
-        y_ext = external_attention(ops.transpose(q, (0, 2, 1, 3)), r_keys, r_values,
-                                   self.scale if self.cfg.normalize_keys else None)
-        y_ext = ops.transpose(y_ext, (0, 2, 1, 3))
+        q_t = ops.transpose(q, (0, 2, 1, 3))  # (B, H, N, D)
+        # Retrieval sees neither the queries' nor the memory's gradient (the writes are stopped too);
+        # the gradient reaches the current queries, the scale and the gate through the attention only.
+        r_keys, r_values = self.memory_store.retrieve(key_db, value_db, filled_slots(index, mem.size),
+                                                      ops.stop_gradient(q_t), mem.neighbors, mem.query_chunk)
+        y_ext = ops.transpose(external_attention(q_t, r_keys, r_values, self.scale), (0, 2, 1, 3))
         gate = ops.reshape(ops.sigmoid(self.memory_gate), (1, 1, -1, 1))
         key_db, value_db, index = write_segment(key_db, value_db, index,
                                                 ops.stop_gradient(ops.transpose(k, (0, 2, 1, 3))),
@@ -201,17 +200,15 @@ class TransformerLayer(keras.layers.Layer):
     def _recurrence(self, q2b, kw, vw, state, start_of_sequence):
         """Steps the recurrent state over the blocks; returns tokens→state attention and the final state."""
         cell = self.cell
-        scale_self, scale_cross = cell.scales()
-        token_scale2 = self.scale2 if self.cfg.normalize_keys else None
         c = cell.start_state(ops.cast(state["recurrent_state"], kw.dtype), start_of_sequence)
         outputs = []
         for g in range(kw.shape[1]):  # the recurrence is sequential over blocks; the block count is small
             kr, vr, qr, q2r = cell.state_kvq(c)
-            a_self = self.kernel.attend(qr[:, None], kr[:, None], vr[:, None], scale=scale_self)
-            a_cross = self.kernel.attend(q2r[:, None], kw[:, g:g + 1], vw[:, g:g + 1], scale=scale_cross)
+            a_self = self.kernel.attend(qr[:, None], kr[:, None], vr[:, None], scale=cell.scale)
+            a_cross = self.kernel.attend(q2r[:, None], kw[:, g:g + 1], vw[:, g:g + 1], scale=cell.scale2)
             attended = merge_heads(ops.concatenate([a_self[:, 0], a_cross[:, 0]], axis=2))
             # Tokens of block g read the state they started with (c), never c_next.
-            outputs.append(self.kernel.attend(q2b[:, g:g + 1], kr[:, None], vr[:, None], scale=token_scale2))
+            outputs.append(self.kernel.attend(q2b[:, g:g + 1], kr[:, None], vr[:, None], scale=self.scale2))
             c = cell.update(c, attended)
         return ops.concatenate(outputs, axis=1), c  # the model stops the gradient when it stores c
 
