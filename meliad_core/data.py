@@ -369,11 +369,11 @@ def check_options(data_config: DataConfig, source_factory: Any, vocabulary_facto
 
 def open_documents(data_config: DataConfig, split: str = "train", seed: int = 42):
     """The source's documents for `split`: a Sequence, or a callable seed -> iterable (see module doc)."""
-    from meliad_core import plugins
+    from meliad_core import assemble
 
     if split not in SPLITS:
         raise ValueError(f"split: got {split!r}, expected one of {', '.join(SPLITS)}")
-    factory = plugins.resolve("data_source", data_config.source)
+    factory = assemble.resolve("data_source", data_config.source)
     opened = factory(data_config, split, epoch_seed(seed, 0, split))
     if isinstance(opened, collections.abc.Sequence) and not isinstance(opened, (str, bytes)):
         return opened
@@ -386,14 +386,14 @@ def stream(recipe: Any, split: str = "train", seed: int | None = None) -> BatchS
     The source and the vocabulary are resolved through the plugin manager. `seed` defaults to
     `recipe.train.seed` (42 for a bare DataConfig); it drives the shuffling, not the documents.
     """
-    from meliad_core import plugins
+    from meliad_core import assemble
 
     data_config, recipe_seed = _data_config(recipe)
     if split not in SPLITS:
         raise ValueError(f"split: got {split!r}, expected one of {', '.join(SPLITS)}")
     seed = int(seed if seed is not None else recipe_seed if recipe_seed is not None else 42)
-    check_options(data_config, plugins.resolve("data_source", data_config.source),
-                  plugins.resolve("vocabulary", data_config.vocabulary))
+    check_options(data_config, assemble.resolve("data_source", data_config.source),
+                  assemble.resolve("vocabulary", data_config.vocabulary))
     vocabulary = load_vocabulary(data_config)
     source = open_documents(data_config, split, seed)
     return BatchStream(

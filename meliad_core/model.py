@@ -10,30 +10,33 @@ stream (DESIGN principle 4).
 from __future__ import annotations
 
 import contextlib
-import math
 
 import keras
 import numpy as np
 from keras import ops
 
-from meliad_core.config import Recipe, RecipeError
+from meliad_core import assemble
+from meliad_core.config import Recipe, RecipeError, validate_recipe
 from meliad_core.layers.stack import DecoderStack
+from meliad_core.units import LOG2E
 
 STREAMS = ("train", "eval", "predict")
-LOG2E = 1.0 / math.log(2.0)
 
 
-def token_losses(tokens, logits):
+def token_losses(tokens, logits, loss_mask_ids=()):
     """Per-token nats and the validity mask, as meliad scores a segment (spec §10.3).
 
     Ids are taken modulo V first, as the embedding does. Targets are the inputs shifted left inside
     the segment with 0 appended, so the last position (and with it the first token of the next
-    segment) is never scored; id 0 is padding.
+    segment) is never scored; id 0 is padding, and targets in `loss_mask_ids` are not scored either.
     Returns (nats (B, N) float32, valid (B, N) float32, targets (B, N) int32).
     """
     tokens = ops.cast(tokens, "int32") % logits.shape[-1]
     targets = ops.concatenate([tokens[:, 1:], ops.zeros_like(tokens[:, :1])], axis=1)
-    valid = ops.cast(ops.logical_and(tokens > 0, targets > 0), "float32")
+    valid = ops.logical_and(tokens > 0, targets > 0)
+    for token_id in loss_mask_ids:
+        valid = ops.logical_and(valid, targets != token_id)
+    valid = ops.cast(valid, "float32")
     nats = ops.sparse_categorical_crossentropy(targets, ops.cast(logits, "float32"), from_logits=True)
     return nats * valid, valid, targets
 
@@ -42,24 +45,34 @@ def _state_var_name(stream: str, key: str) -> str:
     return f"state_{stream}_{key.replace('/', '_')}"
 
 
+@keras.saving.register_keras_serializable(package="meliad")
 class MeliadLM(keras.Model):
-    """Language model over long documents: inputs {"tokens": (B, N) int, "start_of_sequence": (B,) bool}."""
+    """Language model over long documents: inputs {"tokens": (B, N) int, "start_of_sequence": (B,) bool}.
 
-    def __init__(self, recipe: Recipe, vocab_size: int, batch_size: int | None = None,
+    Its Keras config is the recipe (plus the vocabulary size, batch size and streams), so
+    `model.save("m.keras")` and `keras.models.load_model("m.keras")` round-trip on every backend,
+    weights and every stream's carried state included.
+    """
+
+    def __init__(self, recipe: Recipe | dict, vocab_size: int, batch_size: int | None = None,
                  streams: tuple[str, ...] = STREAMS, **kwargs):
         super().__init__(**kwargs)
+        if isinstance(recipe, dict):
+            recipe = validate_recipe(recipe)
         self.recipe = recipe
+        self.vocab_size = int(vocab_size)
         self.batch_size = batch_size or recipe.data.batch_size
         self.segment_length = recipe.data.segment_length
         self.streams = tuple(streams)
-        self.stack = DecoderStack(recipe, vocab_size, seed=recipe.train.seed, name="decoder")
+        self.loss_mask_ids = tuple(recipe.model.loss_mask_ids)
+        self.stack = DecoderStack(**assemble.stack_arguments(recipe, self.vocab_size), name="decoder")
         self._inference_stream = "predict" if "predict" in self.streams else self.streams[-1]
         self.state_vars: dict[str, dict[str, keras.Variable]] = {}
         for stream in self.streams:
             self.state_vars[stream] = {
                 key: self.add_weight(shape=shape, dtype=dtype, initializer="zeros", trainable=False,
                                      name=_state_var_name(stream, key))
-                for key, (shape, dtype) in self.stack.state_shapes(self.batch_size).items()
+                for key, (shape, dtype) in self.stack.state_spec(self.batch_size).items()
             }
         self.nats_tracker = keras.metrics.Mean(name="nats_per_token")
         self.bits_tracker = keras.metrics.Mean(name="bits_per_token")
@@ -68,6 +81,25 @@ class MeliadLM(keras.Model):
 
     def build(self, input_shape=None):
         self.stack.build(None)
+        self.built = True
+
+    def get_config(self):
+        return {"recipe": self.recipe.to_dict(), "vocab_size": self.vocab_size, "batch_size": self.batch_size,
+                "streams": list(self.streams), "name": self.name}
+
+    @classmethod
+    def from_config(cls, config):
+        """Rebuilds the model from its recipe (plugins resolved again by name); weights come after."""
+        config = dict(config)
+        model = cls(validate_recipe(config.pop("recipe")), streams=tuple(config.pop("streams")), **config)
+        model.build()
+        return model
+
+    def get_build_config(self):
+        return {}
+
+    def build_from_config(self, config):
+        self.build()
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -150,14 +182,14 @@ class MeliadLM(keras.Model):
     # -- loss and metrics ------------------------------------------------------------------------
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        nats, valid, _ = token_losses(self._tokens(x), y_pred)
+        nats, valid, _ = token_losses(self._tokens(x), y_pred, self.loss_mask_ids)
         total = ops.sum(nats)
         if self.recipe.train.loss_reduction == "mean":
             total = total / ops.maximum(ops.sum(valid), 1.0)
         return total
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
-        nats, valid, targets = token_losses(self._tokens(x), y_pred)
+        nats, valid, targets = token_losses(self._tokens(x), y_pred, self.loss_mask_ids)
         correct = ops.cast(ops.equal(ops.cast(ops.argmax(y_pred, axis=-1), "int32"), targets), "float32")
         self.nats_tracker.update_state(nats, sample_weight=valid)
         self.bits_tracker.update_state(nats * LOG2E, sample_weight=valid)

@@ -12,7 +12,7 @@ from keras import ops
 from meliad_core.config import TrainConfig
 from meliad_core.schedules import MeliadSchedule
 
-ADAM_BASE_LR = 0.05  # meliad's AdamConfig learning_rate, a factor on the schedule (spec §10.1, §10.2)
+ADAM_EPSILON = 1e-8  # flax.optim.Adam's eps (meliad does not set it)
 
 
 def factored_dims(shape, min_dim_size_to_factor: int = 128) -> tuple[int, int] | None:
@@ -191,20 +191,31 @@ def make_optimizer(train: TrainConfig, total_steps: int | None = None) -> keras.
     """The optimizer a recipe's `train` section asks for, with its learning-rate schedule.
 
     `total_steps` defaults to `train.steps`; it is the schedule's T unless `learning_rate.max_steps`
-    is set.
+    is set. The learning rate is `MeliadSchedule` times the optimizer's `base_lr`, as meliad's
+    Trainer.learning_rate_schedule_fn multiplies the schedule by the optimizer config's learning_rate.
 
-    - adafactor: `Adafactor` (flax defaults, beta1 0.9) whose lr is `MeliadSchedule` with base lr 1.0,
-      as meliad's FlaxAdafactorConfig(learning_rate=1.0).
-    - adam: `keras.optimizers.Adam(beta_1=0.9, beta_2=0.98, epsilon=1e-8)` (flax's epsilon) whose lr is
-      `MeliadSchedule` with base lr 0.05: meliad's AdamConfig learning_rate 0.05 multiplies the
-      schedule, so with the default cosine schedule Adam peaks at 0.05·0.01 = 5e-4. No weight decay
-      (meliad's old default). Unlike Adafactor, Adam is not invariant to the loss scale, and meliad's
-      loss is a sum over tokens (spec §10.3).
+    - adafactor (`train.adafactor`, meliad's FlaxAdafactorConfig → flax.optim.Adafactor): `Adafactor`
+      with base_lr 1.0, beta1 0.9 (null: no momentum) and decay_rate 0.8, flax's defaults otherwise.
+    - adam (`train.adam`, meliad's old AdamConfig → flax.optim.Adam): `keras.optimizers.Adam` with
+      base_lr 0.05 (so with the default cosine schedule Adam peaks at 0.05·0.01 = 5e-4), beta1 0.9,
+      beta2 0.98, epsilon 1e-8 (flax's) and weight_decay 0 (meliad's old default; head's 1e-4 must be
+      asked for). Weight decay is decoupled, as flax's `new_param -= lr·weight_decay·param` (optax.adamw
+      at head is the same): Keras scales every trainable variable by (1 − lr·weight_decay) before the
+      Adam step, with the same scheduled lr, and flax likewise decays every parameter.
+      Decision: Keras adds epsilon to √v before the bias correction of v, flax after it; the effective
+      epsilon differs by the factor √(1 − beta2^(t+1)) (7·10⁻⁸ instead of 10⁻⁸ at the first step),
+      which only matters for gradients of that size.
+      Unlike Adafactor, Adam is not invariant to the loss scale, and meliad's loss is a sum over tokens
+      (spec §10.3).
     """
     steps = train.steps if total_steps is None else total_steps
     if train.optimizer == "adafactor":
-        return Adafactor(learning_rate=MeliadSchedule(train.learning_rate, train.warmup, steps, base_lr=1.0))
+        cfg = train.adafactor
+        schedule = MeliadSchedule(train.learning_rate, train.warmup, steps, base_lr=cfg.base_lr)
+        return Adafactor(learning_rate=schedule, beta1=cfg.beta1, decay_rate=cfg.decay_rate)
     if train.optimizer == "adam":
-        schedule = MeliadSchedule(train.learning_rate, train.warmup, steps, base_lr=ADAM_BASE_LR)
-        return keras.optimizers.Adam(learning_rate=schedule, beta_1=0.9, beta_2=0.98, epsilon=1e-8)
+        cfg = train.adam
+        schedule = MeliadSchedule(train.learning_rate, train.warmup, steps, base_lr=cfg.base_lr)
+        return keras.optimizers.Adam(learning_rate=schedule, beta_1=cfg.beta1, beta_2=cfg.beta2,
+                                     epsilon=ADAM_EPSILON, weight_decay=cfg.weight_decay or None)
     raise ValueError(f"train.optimizer: got {train.optimizer!r}, expected 'adafactor' or 'adam'")

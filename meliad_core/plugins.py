@@ -16,6 +16,7 @@ from typing import Any, Callable
 import pluggy
 
 from meliad_core import hookspecs
+from meliad_core.units import one_line
 
 ENTRY_POINT_GROUP = "meliad"
 
@@ -45,6 +46,7 @@ class Entry:
     backends: tuple[str, ...] | None = None  # None: every backend
     available_check: Callable[[], str | None] | None = None
     description: str = ""
+    options: dict | None = None  # name -> meliad_core.options.Option the plugin declares
 
     def serves(self, backend: str) -> bool:
         return self.backends is None or backend in self.backends
@@ -93,20 +95,20 @@ class PluginManager:
             plugin = impl.plugin_name
             dist, version = self.origins.get(plugin, ("unknown", ""))
 
-            def register(name, obj, *, backends=None, available=None, description="", _p=plugin, _d=dist,
-                         _v=version):
+            def register(name, obj, *, backends=None, available=None, description="", options=None, _p=plugin,
+                         _d=dist, _v=version):
                 if name in entries:
                     prior = entries[name]
                     self.failures.append(Failure(_p, _d, hook_name,
                                                  f"{kind} {name!r} is already registered by {prior.plugin}"))
                     return
-                entries[name] = Entry(kind, name, obj, _p, _d, _v,
-                                      tuple(backends) if backends is not None else None, available, description)
+                entries[name] = Entry(kind, name, obj, _p, _d, _v, tuple(backends) if backends is not None else None,
+                                      available, description, dict(options) if options else None)
 
             try:
                 impl.function(register=register)
             except Exception as exc:
-                self.failures.append(Failure(plugin, dist, hook_name, _one_line(exc)))
+                self.failures.append(Failure(plugin, dist, hook_name, one_line(exc)))
         return entries
 
     def get(self, kind: str, name: str) -> Entry:
@@ -134,7 +136,7 @@ class PluginManager:
                 dirs.extend(Path(p) for p in (impl.function() or []))
             except Exception as exc:
                 dist, _ = self.origins.get(impl.plugin_name, ("unknown", ""))
-                self.failures.append(Failure(impl.plugin_name, dist, "meliad_recipe_dirs", _one_line(exc)))
+                self.failures.append(Failure(impl.plugin_name, dist, "meliad_recipe_dirs", one_line(exc)))
         self._recipe_dirs = dirs
         return list(dirs)
 
@@ -147,17 +149,12 @@ class PluginManager:
             try:
                 impl.function(cli=cli)
             except Exception as exc:
-                self.failures.append(Failure(impl.plugin_name, dist, "meliad_register_commands", _one_line(exc)))
+                self.failures.append(Failure(impl.plugin_name, dist, "meliad_register_commands", one_line(exc)))
             for name, command in before.items():
                 if commands is not None and commands.get(name) is not command:
                     commands[name] = command
                     self.failures.append(Failure(impl.plugin_name, dist, "meliad_register_commands",
                                                  f"tried to replace the command {name!r}; kept the original"))
-
-
-def _one_line(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _disabled() -> set[str]:
@@ -187,14 +184,18 @@ def load_plugin_manager(extra_plugins: list[tuple[str, Any]] | None = None) -> P
         try:
             module = ep.load()
         except Exception as exc:
-            manager.failures.append(Failure(ep.name, dist, "import", _one_line(exc)))
+            manager.failures.append(Failure(ep.name, dist, "import", one_line(exc)))
             continue
         try:
             pm.register(module, name=ep.name)
         except Exception as exc:
-            manager.failures.append(Failure(ep.name, dist, "register", _one_line(exc)))
+            manager.failures.append(Failure(ep.name, dist, "register", one_line(exc)))
             continue
         manager.origins[ep.name] = (dist, version)
+    from meliad_core import __version__, core_plugin
+
+    pm.register(core_plugin, name=core_plugin.CORE_PLUGIN)
+    manager.origins[core_plugin.CORE_PLUGIN] = ("meliad", __version__)
     for name, module in extra_plugins or []:
         pm.register(module, name=name)
         manager.origins[name] = ("(in process)", "")
@@ -216,15 +217,6 @@ def set_plugin_manager(manager: PluginManager | None) -> None:
     """Replaces the process-wide manager (tests use this); None reloads on next use."""
     global _MANAGER
     _MANAGER = manager
-
-
-def resolve(kind: str, name: str, backend: str | None = None) -> Any:
-    """The registered object of `kind` called `name`, checked usable on `backend`."""
-    entry = get_plugin_manager().get(kind, name)
-    reason = entry.unavailable_reason(backend)
-    if reason:
-        raise PluginError(f"{kind.replace('_', ' ')} {name!r} from {entry.distribution} is not available: {reason}")
-    return entry.obj
 
 
 class LazyObject:

@@ -22,8 +22,11 @@ It writes, under WORKDIR/report/:
                       (log-spaced by default: [0, N/4), [N/4, N/2), [N/2, N), [N, 2N), [2N, 4N), ...;
                       or linear buckets of `bucket_width` tokens) the count and bits/token of all
                       tokens and of long-range tokens. Categories without tokens have null bits/token.
-    long_range.png    bits/token vs position bucket: one line for all tokens, one for long-range tokens
-                      (drawn with numpy and zlib: no plotting library is needed)
+    long_range.png    a matplotlib plot (Agg, no display needed) of bits/token vs position in the document
+                      (tokens, at the middle of each bucket): one curve for all tokens, one for long-range
+                      tokens, and the means of the first segment and of the later segments. Needs the
+                      `plot` extra (pip install 'meliad[plot]'); without matplotlib the JSON is still
+                      written and one line says that the plot was skipped.
 
 and prints a short summary. Bits are log2 of the model's probability, averaged over scored tokens
 (bits/token = nats/token / ln 2), the same number as the eval metric `bits_per_token`.
@@ -31,22 +34,22 @@ and prints a short summary. Bits are log2 of the model's probability, averaged o
 
 from __future__ import annotations
 
+import io
 import json
-import math
 import os
-import struct
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
 
-LOG2E = 1.0 / math.log(2.0)
+from meliad_core.units import LOG2E, one_line
+
 REPORT_DIR = "report"
 JSON_NAME = "long_range.json"
 PNG_NAME = "long_range.png"
-PLOT_SIZE = (720, 420)  # width, height in pixels
+PLOT_INCHES, PLOT_DPI = (9.0, 5.0), 120  # 1080 x 600 pixels
 FORMAT = "meliad.long_range_report/1"
+PLOT_HINT = "pip install 'meliad[plot]'"
 
 
 class ReportError(RuntimeError):
@@ -230,13 +233,16 @@ def long_range_report(workdir, batches: int | None = None, out=None, *, bucket_w
         **stats,
         "plot": None,
     }
+    skipped = None
     if plot:
-        width, height = PLOT_SIZE
-        png = report_dir / PNG_NAME
-        _atomic_write(png, render_plot(stats["buckets"], width, height, title=_plot_title(result)))
-        result["plot"] = {"path": str(png), "width": width, "height": height}
+        try:
+            result["plot"] = write_plot(result, report_dir / PNG_NAME)
+        except PlotUnavailable as exc:
+            skipped = str(exc)
     _atomic_write(report_dir / JSON_NAME, (json.dumps(result, indent=1) + "\n").encode())
     print(format_summary(result), file=out, flush=True)
+    if skipped:
+        print(f"meliad: note: {skipped}", file=out, flush=True)
     return result
 
 
@@ -282,167 +288,120 @@ def format_summary(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _plot_title(result: dict) -> str:
-    return f"{result['recipe'] or 'run'} step {result['step']}: bits/token by position in document"
-
-
 # ----------------------------------------------------------------------------------------------
-# A line chart as a PNG, without a plotting library
-
-# 3x5 glyphs, rows top to bottom, "1" = ink; text is drawn in upper case
-_GLYPHS = {
-    "A": "010101111101101", "B": "110101110101110", "C": "011100100100011", "D": "110101101101110",
-    "E": "111100110100111", "F": "111100110100100", "G": "011100101101011", "H": "101101111101101",
-    "I": "111010010010111", "J": "001001001101010", "K": "101101110101101", "L": "100100100100111",
-    "M": "101111111101101", "N": "110101101101101", "O": "010101101101010", "P": "110101110100100",
-    "Q": "010101101110011", "R": "110101110101101", "S": "011100010001110", "T": "111010010010010",
-    "U": "101101101101111", "V": "101101101101010", "W": "101101111111101", "X": "101101010101101",
-    "Y": "101101010010010", "Z": "111001010100111", "0": "111101101101111", "1": "010110010010111",
-    "2": "110001010100111", "3": "110001010001110", "4": "101101111001001", "5": "111100110001110",
-    "6": "011100111101111", "7": "111001010010010", "8": "111101111101111", "9": "111101111001110",
-    ".": "000000000000010", "-": "000000111000000", "/": "001001010100100", ":": "000010000010000",
-    "(": "001010010010001", ")": "100010010010100", ",": "000000000010100", "=": "000111000111000",
-    "[": "011010010010011", "]": "110010010010110", "_": "000000000000111", "+": "000010111010000",
-    " ": "000000000000000",
-}
-WHITE, BLACK, GREY = (255, 255, 255), (40, 40, 40), (215, 215, 215)
-BLUE, RED = (31, 119, 180), (214, 39, 40)
+# The plot (matplotlib, the optional `plot` extra)
 
 
-class Canvas:
-    """An RGB pixel grid with lines, rectangles and 3x5 text; `png()` encodes it."""
-
-    def __init__(self, width: int, height: int, background=WHITE):
-        self.pixels = np.empty((height, width, 3), dtype=np.uint8)
-        self.pixels[:] = background
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return self.pixels.shape[1], self.pixels.shape[0]
-
-    def rect(self, x0: int, y0: int, x1: int, y1: int, color) -> None:
-        """Fills [x0, x1] x [y0, y1] (inclusive, clipped)."""
-        w, h = self.size
-        x0, x1 = max(0, min(x0, x1)), min(w - 1, max(x0, x1))
-        y0, y1 = max(0, min(y0, y1)), min(h - 1, max(y0, y1))
-        if x0 <= x1 and y0 <= y1:
-            self.pixels[y0:y1 + 1, x0:x1 + 1] = color
-
-    def line(self, x0: float, y0: float, x1: float, y1: float, color, thickness: int = 1) -> None:
-        steps = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
-        lo, hi = -(thickness // 2), (thickness - 1) // 2
-        for t in np.linspace(0.0, 1.0, steps + 1):
-            x, y = int(round(x0 + (x1 - x0) * t)), int(round(y0 + (y1 - y0) * t))
-            self.rect(x + lo, y + lo, x + hi, y + hi, color)
-
-    def text(self, x: int, y: int, text: str, color=BLACK, scale: int = 2) -> None:
-        """Draws `text` with its top-left corner at (x, y); unknown characters are left blank."""
-        for i, char in enumerate(text.upper()):
-            glyph = _GLYPHS.get(char, _GLYPHS[" "])
-            for k, bit in enumerate(glyph):
-                if bit == "1":
-                    gx, gy = x + (i * 4 + k % 3) * scale, y + (k // 3) * scale
-                    self.rect(gx, gy, gx + scale - 1, gy + scale - 1, color)
-
-    @staticmethod
-    def text_width(text: str, scale: int = 2) -> int:
-        return max(len(text) * 4 - 1, 0) * scale
-
-    def png(self) -> bytes:
-        return encode_png(self.pixels)
+class PlotUnavailable(RuntimeError):
+    """matplotlib cannot be imported; the message is the one line the report prints instead of a plot."""
 
 
-def encode_png(pixels: np.ndarray) -> bytes:
-    """An 8-bit RGB PNG of an (H, W, 3) uint8 array."""
-    pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
-    height, width = pixels.shape[:2]
-    raw = np.zeros((height, width * 3 + 1), dtype=np.uint8)  # filter byte 0 (none) on each row
-    raw[:, 1:] = pixels.reshape(height, width * 3)
+def _matplotlib():
+    """The `matplotlib` module, the Figure class and the Agg canvas; raises PlotUnavailable when missing.
 
-    def chunk(tag: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw.tobytes(), 9))
-            + chunk(b"IEND", b""))
-
-
-def _nice_step(span: float, ticks: int = 5) -> float:
-    raw = max(span, 1e-9) / ticks
-    power = 10 ** math.floor(math.log10(raw))
-    return next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
+    Only the object-oriented API is used: pyplot (the user's interactive backend and its global list
+    of figures) is never touched, and the Agg canvas needs no display.
+    """
+    try:
+        import matplotlib  # first, so that a `matplotlib` blocked in sys.modules counts as missing
+        import matplotlib.style
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        reason = ("matplotlib is not installed" if exc.name == "matplotlib"
+                  else f"matplotlib could not be imported ({one_line(exc)})")
+        raise PlotUnavailable(f"plot skipped: {reason}; for {PNG_NAME}: {PLOT_HINT}") from None
+    return matplotlib, Figure, FigureCanvasAgg
 
 
-def _short(position: int) -> str:
-    if position >= 10_000 and position % 1000 == 0:
-        return f"{position // 1000}K"
-    return str(position)
+def _position(value: float) -> str:
+    value = int(round(value))
+    return f"{value // 1000}K" if value >= 10_000 and value % 1000 == 0 else str(value)
 
 
-def render_plot(buckets: list[dict], width: int = PLOT_SIZE[0], height: int = PLOT_SIZE[1], title: str = "") -> bytes:
-    """PNG bytes: bits/token per position bucket (evenly spaced, labelled by their first position),
-    one line for all tokens (blue) and one for long-range tokens (red)."""
-    canvas = Canvas(width, height)
-    left, right, top, bottom = 64, 16, 44, 56
-    x_span, y_span = width - left - right, height - top - bottom
-    series = [("all tokens", BLUE, [b["bits_per_token"] for b in buckets]),
-              ("long-range tokens", RED, [b["long_range_bits_per_token"] for b in buckets])]
-    values = [v for _, _, ys in series for v in ys if v is not None]
-    y_max = max(values) if values else 1.0
-    step = _nice_step(y_max)
-    y_top = step * math.ceil(y_max / step + 1e-9) if values else 1.0
-    y_top = max(y_top, step)
-
-    def ypix(v: float) -> float:
-        return top + y_span * (1.0 - v / y_top)
-
-    n = max(len(buckets), 1)
-
-    def xpix(i: float) -> float:
-        return left + x_span * (i + 0.5) / n
-
-    # grid, axes and y labels
-    k = 0
-    while k * step <= y_top + 1e-9:
-        y = int(round(ypix(k * step)))
-        canvas.rect(left, y, left + x_span, y, GREY)
-        label = f"{k * step:g}"
-        canvas.text(left - 6 - canvas.text_width(label), y - 5, label)
-        k += 1
-    canvas.rect(left, top, left, top + y_span, BLACK)
-    canvas.rect(left, top + y_span, left + x_span, top + y_span, BLACK)
-    # x labels: every bucket's first position, thinned so they do not overlap
-    widest = max((canvas.text_width(_short(b["start"])) for b in buckets), default=0) + 8
-    every = max(1, math.ceil(widest / max(x_span / n, 1)))
-    for i, b in enumerate(buckets):
-        x = int(round(left + x_span * i / n))
-        canvas.rect(x, top + y_span, x, top + y_span + 4, BLACK)
-        if i % every == 0:
-            label = _short(b["start"])
-            canvas.text(x - canvas.text_width(label) // 2, top + y_span + 8, label)
-    canvas.text(left + (x_span - canvas.text_width("position in document (tokens)")) // 2, height - 20,
-                "position in document (tokens)")
-    canvas.text(8, 10, title[: (width - 16) // 8])
-    canvas.text(8, 26, "bits/token")
-    # the lines (points without tokens are skipped; their neighbours are joined)
-    for _, color, ys in series:
-        points = [(xpix(i), ypix(v)) for i, v in enumerate(ys) if v is not None]
-        for (x0, y0), (x1, y1) in zip(points, points[1:]):
-            canvas.line(x0, y0, x1, y1, color, thickness=2)
-        for x, y in points:
-            canvas.rect(int(x) - 2, int(y) - 2, int(x) + 2, int(y) + 2, color)
-    # legend, on the right of the second line
-    x = width - right
-    for name, color, _ in reversed(series):
-        x -= canvas.text_width(name) + 26
-        canvas.rect(x, 30, x + 18, 31, color)
-        canvas.text(x + 22, 26, name)
-        x -= 14
-    return canvas.png()
+def plot_title(result: dict) -> str:
+    """The run (recipe and work directory), its step and the backend."""
+    name, where = result.get("recipe") or "run", Path(result["workdir"]).name
+    run = name if where in ("", name) else f"{name} ({where})"
+    return f"Long-range report: {run}, step {result['step']}, {result['backend']} backend"
 
 
-def png_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from a PNG's header; raises ValueError if `data` is not a PNG."""
-    if data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
-        raise ValueError("not a PNG")
-    return struct.unpack(">II", data[16:24])
+def plot_figure(result: dict):
+    """A matplotlib Figure (Agg canvas) of bits/token by position in the document for a report dict.
+
+    Curves, each in the legend with its overall mean: all tokens and long-range tokens (when the
+    eval batches held any) per position bucket, drawn at the middle of the bucket; the mean of the
+    first segment of a document over positions [.., N] and of the later segments beyond N.
+    The x axis is logarithmic (base 2) for log-spaced buckets, linear for `bucket_width` ones.
+    Raises PlotUnavailable when matplotlib cannot be imported.
+    """
+    matplotlib, Figure, FigureCanvasAgg = _matplotlib()
+    from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
+
+    buckets, N = result["buckets"], int(result["segment_length"])
+    log_x = result["bucketing"] == "log" and bool(buckets)
+    middles = np.array([(b["start"] + b["end"]) / 2 for b in buckets], dtype=np.float64)
+
+    def series(key: str) -> np.ndarray:  # empty buckets are gaps (NaN), not zeros
+        return np.array([np.nan if b[key] is None else b[key] for b in buckets], dtype=np.float64)
+
+    if log_x:
+        left, right = middles[0] / 2, float(buckets[-1]["end"])
+    else:
+        left, right = 0.0, float(buckets[-1]["end"] if buckets else N)
+    first, later = result["first_segment"], result["later_segments"]
+    with matplotlib.style.context("default"):  # the same picture whatever the user's matplotlibrc says
+        fig = Figure(figsize=PLOT_INCHES, dpi=PLOT_DPI, layout="constrained")
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        if log_x:
+            ax.set_xscale("log", base=2)
+        ax.set_xlim(left, right)
+        ax.axvspan(left, min(N, right), color="0.93", zorder=0, lw=0)  # the first segment of a document
+        ax.plot(middles, series("bits_per_token"), marker="o", lw=2, color="tab:blue",
+                label=f"all tokens ({_bits(result['overall']['bits_per_token'])} bits/token overall)")
+        if result["long_range"]["tokens"]:
+            ax.plot(middles, series("long_range_bits_per_token"), marker="s", lw=2, color="tab:red",
+                    label=f"long-range tokens ({_bits(result['long_range']['bits_per_token'])} bits/token overall)")
+        if first["tokens"]:
+            ax.plot([left, min(N, right)], [first["bits_per_token"]] * 2, ls="--", lw=1.5, color="0.3",
+                    label=f"first segment of a document, positions 1-{N} (mean {_bits(first['bits_per_token'])})")
+        if later["tokens"] and right > N:
+            ax.plot([N, right], [later["bits_per_token"]] * 2, ls=":", lw=2, color="tab:green",
+                    label=f"later segments, positions > {N} (mean {_bits(later['bits_per_token'])})")
+        if not buckets:
+            ax.text(0.5, 0.5, "no scored tokens", transform=ax.transAxes, ha="center", va="center")
+        if log_x:
+            ax.xaxis.set_major_locator(FixedLocator([b["end"] for b in buckets]))
+            ax.xaxis.set_minor_locator(NullLocator())
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=12, integer=True))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: _position(x)))
+        heights = [y for line in ax.get_lines() for y in np.asarray(line.get_ydata(), dtype=np.float64)
+                   if np.isfinite(y)]
+        ax.set_ylim(0, max(heights) * 1.12 if heights and max(heights) > 0 else None)  # room for the legend
+        ax.grid(True, color="0.85", lw=0.8)
+        ax.set_axisbelow(True)
+        ax.set_xlabel(f"position in the document (tokens; {result['bucketing']}-spaced buckets, each at its "
+                      f"middle; shaded: the first segment, {N} tokens)")
+        ax.set_ylabel("bits/token (lower is better)")
+        ax.set_title(f"{result['batches']} eval batches of {result['batch_size']} x {N} tokens, "
+                     f"{result['overall']['tokens']:,} scored tokens, {result['documents_started']} documents "
+                     "started", fontsize="medium", color="0.3")
+        fig.suptitle(plot_title(result), fontsize="large", fontweight="bold")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="best", fontsize="small", framealpha=0.9)
+    return fig
+
+
+def write_plot(result: dict, path) -> dict:
+    """Writes the PNG of `plot_figure(result)` to `path` (atomically); returns {"path", "width", "height"}.
+    Raises PlotUnavailable when matplotlib cannot be imported (nothing is written then)."""
+    fig = plot_figure(result)
+    matplotlib = _matplotlib()[0]
+    buffer = io.BytesIO()
+    with matplotlib.style.context("default"):
+        fig.canvas.print_png(buffer)  # the figure's own size and dpi (no savefig.* rc settings)
+    width, height = fig.canvas.get_width_height()
+    _atomic_write(Path(path), buffer.getvalue())
+    return {"path": str(path), "width": int(width), "height": int(height)}

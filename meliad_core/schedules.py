@@ -11,17 +11,23 @@ so the learning rate is 0 at t = 0 whenever there is a warmup, and the first upd
 
 The schedules, with `max`/`min` from `LearningRateConfig`:
 
-    cosine     min + (max − min)·½(1 + cos(π·min(t', T)/T))   for t' ≤ T
-               2·min·½^(t'/T)                                for t' > T (halves every further T)
-               then, if spike_steps > 0: max(lr, spike_lr·(spike_steps − t')/spike_steps)
-    linear     max + (min − max)·t'/T                        for t' ≤ T; the same halving after T
-    rsqrt      min(min/√(max(t', 100)/T), max)
-    rsqrt_std  1/√max(t', 100)                               ("standard rsqrt" of the papers)
-    constant   max
+    cosine       min + (max − min)·½(1 + cos(π·min(t', T)/T))   for t' ≤ T
+                 2·min·½^(t'/T)                                for t' > T (halves every further T)
+                 then, if spike_steps > 0: max(lr, spike_lr·(spike_steps − t')/spike_steps)
+    linear       max + (min − max)·t'/T                        for t' ≤ T; the same halving after T
+    rsqrt        min(min/√(max(t', 100)/T), max)
+    rsqrt_std    1/√max(t', 100)                               ("standard rsqrt" of the papers)
+    exponential  max·(min/max)^(t'/T)                          (meliad's lr_exponential_decay: max at
+                 t' = 0, min at t' = T, and the same factor every further T, with no floor)
+    constant     max
+
+The halving after T of cosine and linear is meliad's lr_exponential_decay with max = 2·min.
 
 Decision: `rsqrt_std` ignores `max` and `min`. meliad's gin leaves its optional clip (max_lr) at None,
 and our `max` defaults to cosine's 0.01, which would cap the standard schedule's 0.0316 peak.
-A `max_steps` (or total) of 0 is treated as 1 so the formulas stay finite.
+A `max_steps` (or total) of 0 is treated as 1 so the formulas stay finite. meliad has no gin file that
+selects lr_exponential_decay; its formula is `optimizer_config.lr_exponential_decay` (old and head alike),
+which needs max > min > 0 (recipes are checked for it).
 """
 
 from __future__ import annotations
@@ -49,6 +55,9 @@ class MeliadSchedule(keras.optimizers.schedules.LearningRateSchedule):
             raise ValueError(f"learning_rate.schedule: got {config.schedule!r}, expected one of {SCHEDULES}")
         if warmup < 0:
             raise ValueError(f"warmup: got {warmup}, expected >= 0")
+        if config.schedule == "exponential" and not (config.max > 0 and config.min > 0):
+            raise ValueError(f"learning_rate: the exponential schedule needs max and min > 0, got "
+                             f"max={config.max}, min={config.min}")
         self.config = config
         self.warmup = int(warmup)
         self.total_steps = int(total_steps)
@@ -73,14 +82,15 @@ class MeliadSchedule(keras.optimizers.schedules.LearningRateSchedule):
                 lr = c.min + (c.max - c.min) * 0.5 * (1.0 + ops.cos(math.pi * frac))
             else:
                 lr = c.max + (c.min - c.max) * frac
-            halving = 2.0 * c.min * ops.power(0.5, t / T)
-            lr = ops.where(t > T, halving, lr)
+            lr = ops.where(t > T, 2.0 * c.min * ops.power(0.5, t / T), lr)  # exponential, max = 2·min
             if c.schedule == "cosine" and c.spike_steps > 0:
                 lr = ops.maximum(lr, c.spike_lr * (c.spike_steps - t) / c.spike_steps)
         elif c.schedule == "rsqrt":
             lr = ops.minimum(c.min / ops.sqrt(ops.maximum(t, 100.0) / T), c.max)
         elif c.schedule == "rsqrt_std":
             lr = 1.0 / ops.sqrt(ops.maximum(t, 100.0))
+        elif c.schedule == "exponential":
+            lr = c.max * ops.power(c.min / c.max, t / T)
         else:  # constant
             lr = c.max * ops.ones_like(t)
         return ops.cast(lr * (self.base_lr * c.multiplier) * ramp, "float32")
@@ -110,6 +120,8 @@ class MeliadSchedule(keras.optimizers.schedules.LearningRateSchedule):
             lr = min(c.min / math.sqrt(max(t, 100.0) / T), c.max)
         elif c.schedule == "rsqrt_std":
             lr = 1.0 / math.sqrt(max(t, 100.0))
+        elif c.schedule == "exponential":
+            lr = c.max * (c.min / c.max) ** (t / T)
         else:  # constant
             lr = c.max
         return lr * self.base_lr * c.multiplier * ramp

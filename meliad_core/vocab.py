@@ -102,9 +102,9 @@ def load_vocabulary(data_config) -> Vocabulary:
     Raises `meliad_core.plugins.PluginError` (unknown or unavailable name) or
     `meliad_core.config.RecipeError` (bad `data.options`), each with a one-line message.
     """
-    from meliad_core import plugins
+    from meliad_core import assemble, plugins
 
-    factory = plugins.resolve("vocabulary", data_config.vocabulary)
+    factory = assemble.resolve("vocabulary", data_config.vocabulary)
     vocab = factory(data_config)
     if not isinstance(vocab, Vocabulary):
         raise plugins.PluginError(

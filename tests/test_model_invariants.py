@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from meliad_core.layers.memory import filled_slots, reset_rows, write_segment
+from meliad_core.layers.knn_memory import filled_slots, reset_rows, write_segment
 from meliad_memory.stores import BucketedStore, ExactStore
 from model_helpers import copy_trainable, make_model, randomize_weights, segment_batch, tiny_recipe, to_numpy
 
@@ -184,7 +184,9 @@ def test_fit_carries_train_state_and_streams_stay_apart(arch):
         model(segment_batch(segment, i == 0))
     by_hand = model.get_stream_state("predict")
     for key in trained:
-        np.testing.assert_allclose(trained[key], by_hand[key], rtol=1e-5, atol=1e-6, err_msg=key)
+        # compiled fit vs eager calls: equal to float32 rounding, relative to the state's scale
+        scale = max(float(np.abs(by_hand[key]).max()), 1e-6)
+        np.testing.assert_allclose(trained[key], by_hand[key], rtol=1e-5, atol=1e-5 * scale, err_msg=key)
     model.reset_state("predict")
     model(segment_batch(segments[2], True))
     alone = model.get_stream_state("predict")

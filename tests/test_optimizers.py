@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from keras import ops
 
-from meliad_core.config import LearningRateConfig, TrainConfig
+from meliad_core.config import (AdafactorConfig, AdamConfig, LearningRateConfig, RecipeError, TrainConfig,
+                                validate_recipe)
 from meliad_core.optimizers import Adafactor, factored_dims, make_optimizer
 from meliad_core.schedules import MeliadSchedule
 
@@ -44,7 +45,7 @@ def reference_second_moment(G, state, rho, axes):
     return np.moveaxis(v_hat, (-2, -1), (second, largest))
 
 
-def reference_adafactor(param, grads, lrs, axes, beta1=0.9, clipping_threshold=1.0):
+def reference_adafactor(param, grads, lrs, axes, beta1=0.9, clipping_threshold=1.0, decay_rate=0.8):
     """Parameter values after each step (stored as float32, as the variable is) and the final momentum.
 
     `grads` is a list of gradients, or a function of the current parameter giving its gradient."""
@@ -52,7 +53,7 @@ def reference_adafactor(param, grads, lrs, axes, beta1=0.9, clipping_threshold=1
     state, m, history = {}, np.zeros(p.shape), []
     for t, lr in enumerate(lrs):
         g = np.asarray(grads(p) if callable(grads) else grads[t], np.float64)
-        rho = 1.0 - (t + 1.0) ** -0.8
+        rho = 1.0 - (t + 1.0) ** -decay_rate
         G = g * g + 1e-30
         v_hat = reference_second_moment(G, state, rho, axes)
         u = g / np.sqrt(v_hat)
@@ -286,3 +287,143 @@ def test_model_fit_with_an_embedding():
     np.testing.assert_array_equal(after[unused], before[unused])  # zero gradient: u = 0, m stays 0
     assert np.abs(after[7] - before[7]).max() > 0
     assert optimizer._v_row[0] is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe's optimizer keys: train.adafactor (beta1, decay_rate, base_lr), train.adam (beta1, beta2,
+# weight_decay, base_lr), wired through make_optimizer.
+
+
+def constant_lr(value):
+    return LearningRateConfig(schedule="constant", max=value)
+
+
+def apply_steps(optimizer, param, grads):
+    variable = keras.Variable(np.asarray(param, np.float32), dtype="float32")
+    history = []
+    for g in grads:
+        optimizer.apply([ops.convert_to_tensor(np.asarray(g, np.float32))], [variable])
+        history.append(ops.convert_to_numpy(variable.value).astype(np.float64))
+    return history
+
+
+def reference_flax_adam(param, grads, lrs, beta1, beta2, weight_decay, eps=1e-8):
+    """flax.optim.Adam.apply_param_gradient, in float64: bias-corrected moments, eps after the
+    correction, then the decoupled decay new_param -= lr·weight_decay·param (of the old param)."""
+    p = np.asarray(param, np.float64)
+    m, v, history = np.zeros_like(p), np.zeros_like(p), []
+    for t, (g, lr) in enumerate(zip(grads, lrs)):
+        g = np.asarray(g, np.float64)
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        m_hat, v_hat = m / (1 - beta1 ** (t + 1)), v / (1 - beta2 ** (t + 1))
+        p = p - lr * m_hat / (np.sqrt(v_hat) + eps) - lr * weight_decay * p
+        history.append(p)
+    return history
+
+
+def test_adam_weight_decay_shrinks_a_parameter_with_zero_gradient_by_lr_times_wd():
+    # lr = base_lr 0.05 · constant 0.2 = 0.01; wd 0.5: every step multiplies the parameter by 1 − 0.005.
+    train = TrainConfig(optimizer="adam", warmup=0, learning_rate=constant_lr(0.2),
+                        adam=AdamConfig(weight_decay=0.5))
+    optimizer = make_optimizer(train)
+    assert optimizer.weight_decay == 0.5
+    param = np.array([1.0, -2.0, 0.25, 0.0], np.float32)
+    history = apply_steps(optimizer, param, [np.zeros(4)] * 3)
+    for n, value in enumerate(history, start=1):
+        np.testing.assert_allclose(value, param * (1 - 0.01 * 0.5) ** n, rtol=1e-6)
+    # Without weight decay (meliad's default) the parameter does not move at all.
+    plain = make_optimizer(TrainConfig(optimizer="adam", warmup=0, learning_rate=constant_lr(0.2)))
+    assert plain.weight_decay is None
+    np.testing.assert_array_equal(apply_steps(plain, param, [np.zeros(4)] * 3)[-1], param)
+
+
+def test_adam_matches_flax_with_decay_betas_base_lr_and_warmup():
+    """Every train.adam key at a non-default value, the decay scaled by the *scheduled* lr (0 at step 0
+    in warmup, so the first step changes nothing), against flax's Adam written out in numpy."""
+    config = AdamConfig(base_lr=0.5, beta1=0.8, beta2=0.9, weight_decay=0.3)
+    train = TrainConfig(optimizer="adam", steps=4, warmup=2, learning_rate=constant_lr(0.1), adam=config)
+    optimizer = make_optimizer(train)
+    assert (optimizer.beta_1, optimizer.beta_2, optimizer.epsilon) == (0.8, 0.9, 1e-8)
+    lrs = [optimizer._learning_rate.value_at(t) for t in range(4)]
+    assert lrs == pytest.approx([0.0, 0.025, 0.05, 0.05])  # 0.5 · 0.1 · min(t, 2)/2
+    rng = np.random.default_rng(7)
+    param = rng.normal(size=(5, 3)).astype(np.float32)
+    grads = [rng.normal(size=(5, 3)) for _ in range(4)]  # far above eps: Keras' eps placement is moot
+    actual = apply_steps(optimizer, param, grads)
+    expected = reference_flax_adam(param, grads, lrs, 0.8, 0.9, 0.3)
+    np.testing.assert_array_equal(actual[0], param)
+    for step, (a, e) in enumerate(zip(actual, expected)):
+        np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6, err_msg=f"step {step}")
+    without = reference_flax_adam(param, grads, lrs, 0.8, 0.9, 0.0)
+    assert np.abs(expected[-1] - without[-1]).max() > 1e-3  # the decay really mattered
+
+
+def test_adafactor_beta1_zero_or_null_means_no_momentum():
+    """beta1 0 (or null) takes the whole step at once: from a zero parameter the first step is
+    lr · max(RMS(p), 1e-3) · sign(g) = lr·1e-3·sign(g), not the 0.1 of it that momentum 0.9 takes."""
+    rng = np.random.default_rng(8)
+    g = rng.normal(size=(6,)).astype(np.float32)
+    for beta1 in (0.0, None):
+        train = TrainConfig(warmup=0, learning_rate=constant_lr(0.2), adafactor=AdafactorConfig(beta1=beta1))
+        optimizer = make_optimizer(train)
+        assert isinstance(optimizer, Adafactor) and optimizer.beta1 == beta1
+        (after,) = apply_steps(optimizer, np.zeros(6), [g])
+        np.testing.assert_allclose(after, -0.2 * 1e-3 * np.sign(g), rtol=1e-6)
+        assert optimizer._m == [None]  # no momentum slot to checkpoint
+    default = make_optimizer(TrainConfig(warmup=0, learning_rate=constant_lr(0.2)))
+    np.testing.assert_allclose(apply_steps(default, np.zeros(6), [g])[0], -0.1 * 0.2 * 1e-3 * np.sign(g), rtol=1e-6)
+
+
+@pytest.mark.parametrize("decay_rate", [0.5, 0.8, 1.0])
+def test_adafactor_decay_rate_sets_rho(decay_rate):
+    """After two steps the unfactored second moment is ρ₁·g₀² + (1 − ρ₁)·g₁² (+1e-30), ρ₁ = 1 − 2^−decay_rate
+    (ρ₀ = 0 whatever the rate), and the parameters follow the reference with that rate."""
+    rng = np.random.default_rng(9)
+    param = rng.normal(size=(7,)).astype(np.float32)
+    grads = [rng.normal(size=(7,)).astype(np.float32) * s for s in (1.0, 3.0, 0.5)]
+    train = TrainConfig(warmup=0, learning_rate=constant_lr(0.3), adafactor=AdafactorConfig(decay_rate=decay_rate))
+    optimizer = make_optimizer(train)
+    assert optimizer.decay_rate == decay_rate
+    actual = apply_steps(optimizer, param, grads[:2])
+    rho = 1.0 - 2.0 ** -decay_rate
+    expected_v = rho * grads[0].astype(np.float64) ** 2 + (1 - rho) * grads[1].astype(np.float64) ** 2
+    np.testing.assert_allclose(ops.convert_to_numpy(optimizer._v[0].value), expected_v, rtol=1e-6)
+    reference, _ = reference_adafactor(param, grads[:2], [0.3, 0.3], None, decay_rate=decay_rate)
+    np.testing.assert_allclose(actual[-1], reference[-1], rtol=1e-6, atol=1e-7)
+    if decay_rate != 0.8:
+        other, _ = reference_adafactor(param, grads[:2], [0.3, 0.3], None)
+        assert np.abs(other[-1] - reference[-1]).max() > 1e-5
+
+
+def test_base_lr_scales_both_optimizers():
+    adafactor = make_optimizer(TrainConfig(warmup=0, adafactor=AdafactorConfig(base_lr=2.0)))
+    assert adafactor._learning_rate.base_lr == 2.0 and adafactor._learning_rate.value_at(0) == pytest.approx(0.02)
+    adam = make_optimizer(TrainConfig(optimizer="adam", warmup=0, adam=AdamConfig(base_lr=0.1)))
+    assert adam._learning_rate.value_at(0) == pytest.approx(0.1 * 0.01)
+
+
+def test_optimizer_defaults_are_meliads():
+    assert AdafactorConfig() == AdafactorConfig(base_lr=1.0, beta1=0.9, decay_rate=0.8)
+    assert AdamConfig() == AdamConfig(base_lr=0.05, beta1=0.9, beta2=0.98, weight_decay=0.0)
+    recipe = validate_recipe({"train": {"adam": {"weight_decay": 1e-4}, "adafactor": {"beta1": None}}})
+    assert recipe.train.adam.weight_decay == 1e-4 and recipe.train.adafactor.beta1 is None
+    assert recipe.to_dict()["train"]["adafactor"] == {"base_lr": 1.0, "beta1": None, "decay_rate": 0.8}
+
+
+@pytest.mark.parametrize("section,key,value,expected", [
+    ("adam", "weight_decay", -1.0, "train.adam.weight_decay: got -1.0, expected a non-negative number"),
+    ("adam", "beta1", 1.0, "train.adam.beta1: got 1.0, expected a number in [0, 1)"),
+    ("adam", "beta2", -0.5, "train.adam.beta2: got -0.5, expected a number in [0, 1)"),
+    ("adam", "base_lr", 0, "train.adam.base_lr: got 0.0, expected a positive number"),
+    ("adafactor", "beta1", 1.5, "train.adafactor.beta1: got 1.5, expected a number in [0, 1)"),
+    ("adafactor", "decay_rate", 1.2, "train.adafactor.decay_rate: got 1.2, expected a number in [0, 1]"),
+    ("adafactor", "base_lr", -1, "train.adafactor.base_lr: got -1.0, expected a positive number"),
+    ("adam", "weight_decay", "lots", "train.adam.weight_decay: got 'lots', expected a number"),
+    ("adam", "decay", 0.1, "train.adam.decay: unknown key"),
+])
+def test_bad_optimizer_keys_stop_with_one_line(section, key, value, expected):
+    with pytest.raises(RecipeError) as caught:
+        validate_recipe({"train": {section: {key: value}}})
+    message = str(caught.value)
+    assert message.startswith(expected) and "\n" not in message, message

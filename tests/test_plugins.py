@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from meliad_core import plugins, recipes
+from meliad_core import assemble, plugins, recipes
 from meliad_core.hookspecs import hookimpl
 from plugin_dists import BROKEN_IMPORT, example_project, install_example, make_distribution
 
@@ -96,7 +96,15 @@ def test_builtin_strategies_are_registered_by_meliad(manager_with):
     entries = manager.entries()
     assert entries, "the built-in plugins register nothing"
     for entry in entries:
-        assert entry.distribution == "meliad" and entry.plugin in builtin_entry_points()
+        assert entry.distribution == "meliad" and entry.plugin in {*builtin_entry_points(), "core"}
+    assert manager.get("attention_kernel", "reference").plugin == "core"  # registered by core itself
+
+
+def test_disabling_every_plugin_leaves_the_reference_kernel(manager_with, monkeypatch):
+    monkeypatch.setenv("MELIAD_DISABLE_PLUGINS", ",".join(builtin_entry_points()))
+    manager = manager_with()
+    assert manager.names("attention_kernel") == ["reference"]
+    assert assemble.attention_kernel("auto", backend="jax").name == "reference"
 
 
 def test_unknown_name_lists_known_ones(manager_with, example_dir):
@@ -104,7 +112,7 @@ def test_unknown_name_lists_known_ones(manager_with, example_dir):
     known = manager.names("memory_store")
     assert "example_recent" in known
     with pytest.raises(plugins.PluginError) as info:
-        plugins.resolve("memory_store", "no_such_store")
+        assemble.resolve("memory_store", "no_such_store")
     assert str(info.value) == f"unknown memory store 'no_such_store'; known: {', '.join(known)}"
     with pytest.raises(plugins.PluginError, match="unknown plugin kind 'memory'; known kinds: attention_kernel"):
         manager.registry("memory")
@@ -200,11 +208,11 @@ def test_third_party_plugin_is_found_with_its_distribution(manager_with, example
     project = example_project()
     manager = manager_with(example_dir)
     assert manager.origins["example_memory"] == (project["name"], project["version"]) == (
-        "meliad-example-memory", "0.2.0")
+        "meliad-example-memory", "0.3.0")
     entry = manager.get("memory_store", "example_recent")
     assert (entry.distribution, entry.version, entry.plugin, entry.backends) == (
-        "meliad-example-memory", "0.2.0", "example_memory", None)
-    store = plugins.resolve("memory_store", "example_recent", backend=os.environ.get("KERAS_BACKEND"))
+        "meliad-example-memory", "0.3.0", "example_memory", None)
+    store = assemble.resolve("memory_store", "example_recent", backend=os.environ.get("KERAS_BACKEND"))
     assert type(store).__name__ == "RecentStore" and store is entry.obj
     assert importlib.import_module("meliad_example_memory").__file__.startswith(str(example_dir))
 
@@ -218,7 +226,33 @@ def test_third_party_recipe_dir_and_store_in_a_recipe(manager_with, example_dir,
                     "model: {position_bias: none}\n")
     recipe = recipes.load_recipe(mine, check_plugins=False)
     assert recipe.memory.store == "example_recent" and recipe.memory_layers == (1,)
-    recipes.check_plugin_names(recipe)  # example_recent, none, synthetic and bytes are all installed
+    assemble.check_recipe(recipe)  # example_recent, none, synthetic and bytes are all installed
+
+
+def test_third_party_store_declares_and_validates_its_own_option(manager_with, example_dir, tmp_path):
+    manager_with(example_dir)
+    base = "include: [sizes/tiny_test, example_recent_memory]\nattention: {window: 256}\n"
+    cases = {
+        "memory: {options: {newest_first: maybe}}": "memory.options.newest_first: got 'maybe', expected true or false",
+        "memory: {options: {newest: false}}": "memory.options.newest: unknown option of memory store "
+                                              "'example_recent'; did you mean 'memory.options.newest_first'? "
+                                              "(its options: newest_first)",
+        "memory: {store: exact, options: {newest_first: false}}": "memory.options.newest_first: unknown option of "
+                                                                   "memory store 'exact' (its options: none)",
+    }
+    for i, (extra, message) in enumerate(cases.items()):
+        path = tmp_path / f"bad{i}.yaml"
+        path.write_text(base + extra + "\n")
+        with pytest.raises(recipes.RecipeError) as info:
+            recipes.load_recipe(path)
+        assert str(info.value) == message
+    good = tmp_path / "good.yaml"
+    good.write_text(base + "memory: {options: {newest_first: false}}\n")
+    recipe = recipes.load_recipe(good)
+    assert recipe.memory.options == {"newest_first": False}
+    store = assemble.memory_store("example_recent", recipe.memory.options, backend="jax")
+    assert store.newest_first is False
+    assert assemble.memory_store("example_recent", {}, backend="jax").newest_first is True  # the default
 
 
 def numpy_recent(key_db, filled, num_neighbors, num_queries):
@@ -235,7 +269,7 @@ def numpy_recent(key_db, filled, num_neighbors, num_queries):
 def test_example_recent_store_retrieves_the_newest_filled_slots(manager_with, example_dir):
     manager_with(example_dir)
     keras = pytest.importorskip("keras")
-    store = plugins.resolve("memory_store", "example_recent")
+    store = assemble.resolve("memory_store", "example_recent")
     rng = np.random.default_rng(0)
     batch, heads, size, dim, num_queries, k = 3, 2, 8, 4, 5, 4
     key_db = rng.normal(size=(batch, heads, size, dim)).astype("float32")

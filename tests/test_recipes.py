@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from meliad_core import plugins, recipes
+from meliad_core import assemble, plugins, recipes
 from meliad_core.config import RecipeError, validate_recipe
 from meliad_core.hookspecs import hookimpl
 
@@ -287,7 +287,8 @@ MEMORY = {"store": "fake_store", "layers": [-1], "size": 64, "neighbors": 4}
     ({"recurrence": {"gate": "fake_gate", "layers": [0, -3]}}, "recurrence.layers[1]: got -3, expected an index in [-2, 1]"),
     ({"memory": {**MEMORY, "layers": []}}, "memory.layers: got [], expected at least one layer index"),
     ({"memory": {**MEMORY, "size": 72, "neighbors": 8}},
-     "memory.size: got 72, expected a multiple of data.segment_length (16)"),
+     "memory.size: got 72, expected a multiple of the entries written per segment (16 = data.segment_length / "
+     "memory.update_stride)"),
     ({"memory": {**MEMORY, "size": 48, "neighbors": 32}}, "memory.size: got 48, expected a multiple of memory.neighbors (32)"),
     ({"memory": MEMORY, "attention": {"window": 8}},
      "attention.window: got 8, expected data.segment_length (16) when memory is used"),
@@ -392,7 +393,7 @@ def test_bundled_recipes_name_installed_plugins():
     plugins.set_plugin_manager(manager)
     for name, _path, _description in recipes.list_bundled_recipes():
         recipe = recipes.load_recipe(name, check_plugins=False)
-        for (section, key), kind in recipes.PLUGIN_KEYS.items():
+        for (section, key), (kind, _options) in assemble.PLUGIN_KEYS.items():
             config = getattr(recipe, section)
             value = config and getattr(config, key)
             if not value or (kind == "attention_kernel" and value == "auto"):

@@ -1,15 +1,17 @@
-"""The long-range report: numbers that add up, positions that restart with documents, a real PNG,
-and `meliad report` as a user runs it."""
+"""The long-range report: numbers that add up, positions that restart with documents, a matplotlib
+PNG (where the `plot` extra is installed) or one line saying it was skipped (where it is not, or
+is made to look missing), and `meliad report` as a user runs it."""
 
 from __future__ import annotations
 
+import importlib.util
+import io
 import json
 import os
 import shutil
 import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import keras
@@ -19,13 +21,16 @@ import pytest
 from meliad_core import checkpoint as ckpt
 from meliad_core import cli
 from meliad_core.config import validate_recipe
-from meliad_core.report import (JSON_NAME, PNG_NAME, REPORT_DIR, DocumentPositions, ReportError, bucket_edges,
-                                encode_png, long_range_report, png_size, render_plot, summarize)
+from meliad_core.report import (JSON_NAME, PLOT_HINT, PNG_NAME, REPORT_DIR, DocumentPositions, PlotUnavailable,
+                                ReportError, bucket_edges, long_range_report, plot_figure, summarize, write_plot)
 from meliad_core.runner import run_training
 
 BACKEND = keras.backend.backend()
 B, N = 2, 32
 BATCHES = 30
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+needs_matplotlib = pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is not installed here (the plot "
+                                      "extra; tox installs it in the tensorflow env)")
 
 
 def report_recipe() -> dict:
@@ -176,38 +181,150 @@ def test_summarize_by_hand():
     assert empty["overall"] == {"tokens": 0, "bits_per_token": None} and empty["buckets"] == []
 
 
-def _decode_png(data: bytes) -> np.ndarray:
-    """RGB pixels of a PNG written by encode_png (filter 0 rows, one IDAT)."""
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    width, height = png_size(data)
-    pos, idat = 8, b""
-    while pos < len(data):
-        length, tag = struct.unpack(">I4s", data[pos:pos + 8])
-        body = data[pos + 8:pos + 8 + length]
-        assert struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])[0] == zlib.crc32(tag + body)
-        if tag == b"IDAT":
-            idat += body
-        pos += 12 + length
-    raw = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(height, width * 3 + 1)
-    assert not raw[:, 0].any()
-    return raw[:, 1:].reshape(height, width, 3)
+# ----------------------------------------------------------------------------------------------
+# the plot (matplotlib present) and its absence
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR", "not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+def _legend(fig) -> list[str]:
+    (ax,) = [a for a in fig.axes if a.get_legend() is not None]
+    return [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def _curves(fig) -> dict:
+    """The labelled lines of the plot, by the first words of their labels."""
+    return {line.get_label().split(" (")[0].split(",")[0]: line
+            for line in fig.axes[0].get_lines() if not line.get_label().startswith("_")}
+
+
+def _hide_matplotlib(monkeypatch) -> None:
+    """`import matplotlib` fails from now on (until the test ends), as where it is not installed."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+
+
+@needs_matplotlib
 def test_png_file(report):
-    path = Path(report["plot"]["path"])
+    import matplotlib.image
+
+    plot = report["plot"]
+    path = Path(plot["path"])
     assert path.name == PNG_NAME and path.parent.name == REPORT_DIR
     data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    assert png_size(data) == (report["plot"]["width"], report["plot"]["height"])
-    pixels = _decode_png(data)
-    colors = {tuple(p) for p in pixels.reshape(-1, 3)[::7]}
-    assert (31, 119, 180) in colors and (214, 39, 40) in colors  # the two lines (and their legend)
+    width, height = _png_size(data)
+    assert (width, height) == (plot["width"], plot["height"])
+    assert 640 <= width <= 2400 and 400 <= height <= 1600 and 1.2 < width / height < 2.5
+    pixels = matplotlib.image.imread(io.BytesIO(data), format="png")  # matplotlib reads it back
+    assert pixels.shape[:2] == (height, width) and pixels.shape[2] in (3, 4)
+    assert pixels[..., :3].std() > 0.05  # a picture, not a blank page
 
 
-def test_png_writer_round_trip():
-    pixels = np.random.default_rng(0).integers(0, 256, size=(5, 7, 3), dtype=np.uint8)
-    np.testing.assert_array_equal(_decode_png(encode_png(pixels)), pixels)
-    assert png_size(render_plot([], 200, 100)) == (200, 100)  # nothing to plot still gives a picture
+@needs_matplotlib
+def test_plot_figure_of_the_report(report):
+    fig = plot_figure(report)
+    ax = fig.axes[0]
+    # one curve per series the report holds, each in the legend with its number
+    legend = _legend(fig)
+    assert len(legend) == 4, legend
+    assert legend[0].startswith("all tokens") and f"{report['overall']['bits_per_token']:.3f}" in legend[0]
+    assert legend[1].startswith("long-range tokens") and f"{report['long_range']['bits_per_token']:.3f}" in legend[1]
+    assert legend[2].startswith("first segment") and legend[3].startswith("later segments")
+    curves = _curves(fig)
+    assert list(curves) == ["all tokens", "long-range tokens", "first segment of a document", "later segments"]
+    expected = [np.nan if b["bits_per_token"] is None else b["bits_per_token"] for b in report["buckets"]]
+    np.testing.assert_allclose(curves["all tokens"].get_ydata(), expected)
+    middles = [(b["start"] + b["end"]) / 2 for b in report["buckets"]]
+    np.testing.assert_allclose(curves["all tokens"].get_xdata(), middles)
+    assert set(curves["first segment of a document"].get_ydata()) == {report["first_segment"]["bits_per_token"]}
+    assert set(curves["later segments"].get_ydata()) == {report["later_segments"]["bits_per_token"]}
+    # axes with units, a title naming the run, its step and the backend
+    assert "bits/token" in ax.get_ylabel() and "position in the document (tokens" in ax.get_xlabel()
+    assert ax.get_xscale() == "log"  # log-spaced buckets
+    title = fig.get_suptitle()
+    assert "report_run" in title and "step 3" in title and BACKEND in title
+    assert type(fig.canvas).__name__ == "FigureCanvasAgg"
+
+
+@needs_matplotlib
+def test_plot_figure_variants(tmp_path):
+    """Linear buckets, no long-range token, no later segment, and nothing at all still plot."""
+    positions = np.array([1, 2, 9, 40, 41, 70])
+    bits = np.array([4.0, 2.0, 3.0, 1.0, 5.0, 6.0])
+    base = {"workdir": "runs/x", "step": 7, "recipe": None, "backend": "jax", "batches": 1, "batch_size": 2,
+            "segment_length": 32, "documents_started": 2}
+    linear = {**base, **summarize(positions, bits, np.zeros(6, bool), (positions - 1) // 32, 32, bucket_width=16)}
+    fig = plot_figure(linear)
+    assert fig.axes[0].get_xscale() == "linear"
+    assert [t.split(" (")[0].split(",")[0] for t in _legend(fig)] == [
+        "all tokens", "first segment of a document", "later segments"]  # no long-range token: no such curve
+    assert "run (x)" in fig.get_suptitle() and "step 7" in fig.get_suptitle()
+    first_only = {**base, **summarize(positions[:3], bits[:3], np.array([False, True, False]), np.zeros(3), 32)}
+    assert [t.split(" (")[0].split(",")[0] for t in _legend(plot_figure(first_only))] == [
+        "all tokens", "long-range tokens", "first segment of a document"]
+    empty = {**base, **summarize(np.zeros(0), np.zeros(0), np.zeros(0, bool), np.zeros(0), 32)}
+    assert "no scored tokens" in [t.get_text() for t in plot_figure(empty).axes[0].texts]
+    for i, result in enumerate((linear, first_only, empty)):  # and each one renders
+        plot = write_plot(result, tmp_path / f"{i}.png")
+        assert _png_size((tmp_path / f"{i}.png").read_bytes()) == (plot["width"], plot["height"])
+
+
+@needs_matplotlib
+def test_write_plot_ignores_the_users_savefig_settings(tmp_path, report):
+    import matplotlib
+
+    with matplotlib.rc_context({"savefig.bbox": "tight", "savefig.dpi": 30, "savefig.format": "svg"}):
+        plot = write_plot(report, tmp_path / "p.png")
+    assert _png_size((tmp_path / "p.png").read_bytes()) == (plot["width"], plot["height"]) == (
+        report["plot"]["width"], report["plot"]["height"])
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_missing_matplotlib_is_one_line(monkeypatch):
+    _hide_matplotlib(monkeypatch)
+    with pytest.raises(PlotUnavailable) as info:
+        plot_figure({})
+    assert str(info.value) == f"plot skipped: matplotlib is not installed; for {PNG_NAME}: {PLOT_HINT}"
+    assert PLOT_HINT == "pip install 'meliad[plot]'"
+
+
+@needs_matplotlib
+def test_broken_matplotlib_is_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
+    with pytest.raises(PlotUnavailable, match=r"^plot skipped: matplotlib could not be imported \(ModuleNotFound"):
+        plot_figure({})
+
+
+def test_report_without_matplotlib_writes_the_json_and_one_notice(trained, tmp_path, monkeypatch):
+    _hide_matplotlib(monkeypatch)
+    workdir = tmp_path / "run"
+    shutil.copytree(trained / "checkpoints", workdir / "checkpoints")
+    out = io.StringIO()
+    result = long_range_report(workdir, batches=2, out=out)
+    assert result["plot"] is None and not (workdir / REPORT_DIR / PNG_NAME).exists()
+    assert json.loads((workdir / REPORT_DIR / JSON_NAME).read_text()) == json.loads(json.dumps(result))
+    lines = out.getvalue().splitlines()
+    notices = [line for line in lines if "plot" in line and "skipped" in line]
+    assert notices == [f"meliad: note: plot skipped: matplotlib is not installed; for {PNG_NAME}: {PLOT_HINT}"]
+    assert "overall:" in out.getvalue() and PNG_NAME not in lines[-2]  # 'wrote' names the JSON only
+    assert "Traceback" not in out.getvalue()
+
+
+def test_cli_report_without_matplotlib(trained, tmp_path, monkeypatch, capsys):
+    _hide_matplotlib(monkeypatch)
+    workdir = tmp_path / "run"
+    shutil.copytree(trained / "checkpoints", workdir / "checkpoints")
+    assert cli.run_cli(["report", str(workdir), "--batches", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err and captured.err == ""
+    assert sum("plot skipped" in line for line in captured.out.splitlines()) == 1
+    assert "pip install 'meliad[plot]'" in captured.out
+    assert (workdir / REPORT_DIR / JSON_NAME).is_file() and not (workdir / REPORT_DIR / PNG_NAME).exists()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,6 +359,9 @@ def test_cli_report_in_process(trained, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "overall:" in out and "bits/token" in out and "first segment" in out
     written = json.loads((workdir / REPORT_DIR / JSON_NAME).read_text())
-    assert Path(written["plot"]["path"]).is_file()
+    if HAS_MATPLOTLIB:
+        assert Path(written["plot"]["path"]).is_file() and written["plot"]["path"] in out
+    else:
+        assert written["plot"] is None and "plot skipped" in out and "meliad[plot]" in out
     assert written["bucketing"] == "linear" and written["bucket_width"] == 48 and written["batches"] == 4
     assert [b["start"] for b in written["buckets"][:3]] == [0, 48, 96]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-from meliad_core.config import LearningRateConfig
+from meliad_core.config import LearningRateConfig, RecipeError, validate_recipe
 from meliad_core.schedules import MeliadSchedule
 
 
@@ -50,7 +50,7 @@ def test_reference_table(t, cos500, cos250, rsqrt_std):
 
 
 def test_lr_is_zero_at_step_zero_with_warmup():
-    for name in ("cosine", "rsqrt", "rsqrt_std", "linear", "constant"):
+    for name in ("cosine", "rsqrt", "rsqrt_std", "linear", "exponential", "constant"):
         schedule = MeliadSchedule(LearningRateConfig(schedule=name), warmup=100, total_steps=1000)
         assert both_values(schedule, 0) == 0.0
 
@@ -156,4 +156,89 @@ def test_max_steps_zero_is_finite():
 
 def test_unknown_schedule_is_refused():
     with pytest.raises(ValueError, match="schedule"):
-        MeliadSchedule(LearningRateConfig(schedule="exponential"), warmup=0, total_steps=10)
+        MeliadSchedule(LearningRateConfig(schedule="step_decay"), warmup=0, total_steps=10)
+
+
+# ---------------------------------------------------------------------------------------------
+# exponential: meliad's optimizer_config.lr_exponential_decay, lr = max·(min/max)^(t/T), no floor.
+
+
+def test_exponential_values_by_hand():
+    config = LearningRateConfig(schedule="exponential", max=0.02, min=0.002)
+    schedule = MeliadSchedule(config, warmup=0, total_steps=1000)
+    # (min/max) = 0.1, so lr = 0.02 · 0.1^(t/1000).
+    assert both_values(schedule, 0) == pytest.approx(0.02, rel=1e-6)
+    assert both_values(schedule, 500) == pytest.approx(0.0063245553, rel=1e-6)   # 0.02/√10
+    assert both_values(schedule, 250) == pytest.approx(0.0112468265, rel=1e-6)   # 0.02·10^-0.25
+    assert both_values(schedule, 1000) == pytest.approx(0.002, rel=1e-5)         # min at T
+    assert both_values(schedule, 1500) == pytest.approx(0.00063245553, rel=1e-5)  # no floor at min
+    assert both_values(schedule, 2000) == pytest.approx(0.0002, rel=1e-5)         # another factor 10
+
+
+def test_exponential_with_warmup_max_steps_and_multiplier():
+    config = LearningRateConfig(schedule="exponential", max=0.01, min=0.001, max_steps=2000, multiplier=2.0)
+    schedule = MeliadSchedule(config, warmup=100, total_steps=999, base_lr=0.05)
+    at_warmup = 0.01 * 0.1 ** (100 / 2000)  # the clock is held at warmup during it
+    assert both_values(schedule, 0) == 0.0
+    assert both_values(schedule, 25) == pytest.approx(0.25 * at_warmup * 0.05 * 2.0, rel=1e-6)
+    assert both_values(schedule, 100) == pytest.approx(at_warmup * 0.1, rel=1e-6)
+    assert both_values(schedule, 2000) == pytest.approx(0.001 * 0.1, rel=1e-5)  # T from max_steps, not 999
+
+
+def test_cosine_and_linear_tails_are_exponential_from_twice_min():
+    """meliad's decay_after: lr_exponential_decay(max = 2·min, min) past T."""
+    tail = MeliadSchedule(LearningRateConfig(schedule="exponential", max=0.004, min=0.002), 10, 1000)
+    for name in ("cosine", "linear"):
+        schedule = MeliadSchedule(LearningRateConfig(schedule=name, max=0.03, min=0.002), 10, 1000)
+        for t in (1001, 1700, 4000):
+            assert both_values(schedule, t) == pytest.approx(tail.value_at(t), rel=1e-6)
+
+
+def test_exponential_needs_positive_max_and_min():
+    for max_lr, min_lr in ((0.01, 0.0), (0.0, 0.001), (0.01, -0.001)):
+        with pytest.raises(ValueError, match="exponential"):
+            MeliadSchedule(LearningRateConfig(schedule="exponential", max=max_lr, min=min_lr), 0, 10)
+
+
+def test_exponential_serialization_round_trip():
+    schedule = MeliadSchedule(LearningRateConfig(schedule="exponential", max=0.05, min=0.0001), 10, 300)
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(schedule))
+    for t in (0, 5, 150, 300, 900):
+        assert restored.value_at(t) == schedule.value_at(t)
+
+
+def test_exponential_option_recipe():
+    from meliad_core import plugins, recipes
+
+    plugins.set_plugin_manager(None)
+    try:
+        lr = recipes.load_recipe("options/lr_exponential_decay").train.learning_rate
+    finally:
+        plugins.set_plugin_manager(None)
+    assert (lr.schedule, lr.max, lr.min) == ("exponential", 0.01, 0.001)
+
+
+@pytest.mark.parametrize("lr,expected", [
+    ({"schedule": "exponential", "min": 0.0},
+     "train.learning_rate.min: got 0.0, expected a positive number"),
+    ({"schedule": "exponential", "max": 0.001, "min": 0.01},
+     "train.learning_rate.max: got 0.001, expected more than train.learning_rate.min (0.01) for the exponential"),
+    ({"schedule": "cosine", "max": 0.001, "min": 0.001},
+     "train.learning_rate.max: got 0.001, expected more than train.learning_rate.min (0.001) for the cosine"),
+    ({"schedule": "cosine", "spike_steps": 100, "spike_lr": 0.005},
+     "train.learning_rate.spike_lr: got 0.005, expected more than train.learning_rate.max (0.01)"),
+    ({"max_steps": 0}, "train.learning_rate.max_steps: got 0, expected a positive number"),
+    ({"multiplier": -2}, "train.learning_rate.multiplier: got -2.0, expected a non-negative number"),
+    ({"schedule": "exponentail"}, "train.learning_rate.schedule: got 'exponentail', expected one of"),
+])
+def test_bad_schedule_keys_stop_with_one_line(lr, expected):
+    with pytest.raises(RecipeError) as caught:
+        validate_recipe({"train": {"learning_rate": lr}})
+    message = str(caught.value)
+    assert message.startswith(expected) and "\n" not in message, message
+
+
+def test_schedules_that_ignore_min_accept_any_order():
+    for name in ("constant", "rsqrt_std"):
+        recipe = validate_recipe({"train": {"learning_rate": {"schedule": name, "max": 0.001, "min": 0.5}}})
+        assert recipe.train.learning_rate.schedule == name

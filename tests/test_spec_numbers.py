@@ -134,7 +134,7 @@ def test_recurrent_layer_overhead(variant, expected_millions):
 
 
 def test_absolute_positions_are_meliads_sinusoids():
-    from meliad_core.layers.stack import absolute_position_embeddings
+    from meliad_core.layers.positions import absolute_position_embeddings
 
     emb = absolute_position_embeddings(6, 8)  # 4 wavelengths: 10000^(0, 1/4, 2/4, 3/4)
     k, j = 5, 2

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from meliad_core.hookspecs import hookimpl
-from meliad_core.plugins import LazyObject
+from meliad_core.extend import LazyObject, hookimpl
 
 
 def _available() -> str | None:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from keras import ops
 
-from meliad_core.layers.attention import reference_attend
+from meliad_core.extend import reference_attend
 
 _MASKED = -1e9
 

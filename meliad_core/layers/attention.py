@@ -1,5 +1,8 @@
 """The attention core shared by all three models (spec §3) and the attention-kernel interface.
 
+`reference_attend` is the portable path: core registers it as the `reference` kernel, and every
+fast kernel is tested against it.
+
 Shapes: attention runs over G blocks at once. q is (B, G, Q, H, D); k and v are (B, G, K, H, D).
 A sliding window puts each window in its own block (G = N/W, K = 2W); the recurrent cell uses one
 block per recurrent step.
@@ -69,16 +72,10 @@ class AttentionKernel(Protocol):
     def attend(self, q, k, v, *, bias=None, mask=None, scale=None, dropout_mask=None): ...
 
 
-def select_kernel(name: str, backend: str) -> AttentionKernel:
-    """The kernel a recipe names, or with "auto" the first available kernel registered for `backend`
-    other than the reference (kernels sorted by name), falling back to "reference"."""
-    from meliad_core.plugins import get_plugin_manager, resolve
+class ReferenceKernel:
+    """`reference`: meliad's attention computed with einsums, on every backend."""
 
-    if name != "auto":
-        return resolve("attention_kernel", name, backend)
-    manager = get_plugin_manager()
-    for kernel_name in manager.names("attention_kernel"):
-        entry = manager.get("attention_kernel", kernel_name)
-        if kernel_name != "reference" and entry.backends is not None and entry.unavailable_reason(backend) is None:
-            return entry.obj
-    return resolve("attention_kernel", "reference", backend)
+    name = "reference"
+
+    def attend(self, q, k, v, *, bias=None, mask=None, scale=None, dropout_mask=None):
+        return reference_attend(q, k, v, bias=bias, mask=mask, scale=scale, dropout_mask=dropout_mask)

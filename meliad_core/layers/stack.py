@@ -1,4 +1,4 @@
-"""The decoder stack (spec §5.3): tied N(0,1) embedding, L transformer layers, final RMSNorm, logits.
+"""The decoder stack (spec §5.3): tied embedding, L transformer blocks, final norm, logits.
 
 With block feedback (spec §8.6) the whole stack runs window by window so that every other layer
 can cross-attend to the recurrent state as it stood at the start of the window.
@@ -9,26 +9,11 @@ from __future__ import annotations
 import math
 
 import keras
-import numpy as np
 from keras import ops
 
-from meliad_core.config import Recipe
-from meliad_core.layers.attention import select_kernel
-from meliad_core.layers.common import RMSNorm, tiled_dropout
-from meliad_core.layers.transformer import TransformerLayer
-from meliad_core.plugins import resolve
-
-
-def absolute_position_embeddings(length: int, width: int) -> np.ndarray:
-    """meliad's sinusoids for positions 0..length−1 of a segment: angle π·k/wavelength with
-    wavelengths 10000^t, t evenly spaced in [0, 1); the cosine block first, then the sine block."""
-    half = width // 2
-    wavelengths = 10000.0 ** (np.arange(half, dtype=np.float64) / half)
-    angles = np.pi * np.arange(length, dtype=np.float64)[:, None] / wavelengths[None, :]
-    embeddings = np.concatenate([np.cos(angles), np.sin(angles)], axis=1)
-    if width % 2:
-        embeddings = np.pad(embeddings, ((0, 0), (0, 1)))
-    return embeddings.astype("float32")
+from meliad_core.layers.block import TransformerBlock
+from meliad_core.layers.common import LayerNorm, add_dense, dense, tiled_dropout
+from meliad_core.layers.positions import absolute_position_embeddings
 
 
 def logit_divisor(logit_scale: str, vocab_size: int, embed_dim: int) -> float:
@@ -36,46 +21,68 @@ def logit_divisor(logit_scale: str, vocab_size: int, embed_dim: int) -> float:
     return {"sqrt_vocab": math.sqrt(vocab_size), "sqrt_embed": math.sqrt(embed_dim), "none": 1.0}[logit_scale]
 
 
+@keras.saving.register_keras_serializable(package="meliad")
 class DecoderStack(keras.layers.Layer):
-    def __init__(self, recipe: Recipe, vocab_size: int, seed: int | None = None, **kwargs):
+    """Takes plain values only (see `meliad_core.assemble.stack_arguments`), so it serialises with get_config."""
+
+    def __init__(self, *, vocab_size: int, num_layers: int, embed_dim: int, num_heads: int, head_dim: int,
+                 mlp_dim: int, window: int, xl_cache: bool = True, kernel: str = "auto",
+                 kernel_options: dict | None = None, position: str = "t5", position_options: dict | None = None,
+                 absolute_positions: bool = False, normalize_keys: bool = True, dropout: float = 0.0,
+                 attn_dropout: float = 0.0, final_dropout: float = 0.0, logit_scale: str = "sqrt_vocab",
+                 mlp_activation: str = "relu", mlp_use_bias: bool = False, norm_use_mean: bool = False,
+                 norm_use_bias: bool = False, use_causal_mask: bool = True, embedding_stddev: float = 1.0,
+                 use_final_layernorm: bool = True, final_mlp: bool = False, memory_layers=(), memory=None,
+                 recurrent_layers=(), recurrence=None, feedback: bool = False, seed: int | None = None,
+                 **kwargs):
         super().__init__(**kwargs)
-        model = recipe.model
-        backend = keras.backend.backend()
-        self.recipe = recipe
-        self.vocab_size = vocab_size
-        self.divisor = logit_divisor(model.logit_scale, vocab_size, model.embed_dim)
-        kernel = select_kernel(recipe.attention.kernel, backend)
-        position_bias = resolve("position_bias", model.position_bias, backend)
-        memory_store = resolve("memory_store", recipe.memory.store, backend) if recipe.memory else None
-        make_gate = resolve("recurrence_gate", recipe.recurrence.gate, backend) if recipe.recurrence else None
-        self.feedback = bool(recipe.recurrence and recipe.recurrence.feedback)
-        self.recurrent_index = recipe.recurrent_layers[-1] if recipe.recurrent_layers else None  # highest wins
+        self._config = {key: value for key, value in locals().items()
+                        if key not in ("self", "kwargs", "__class__")}
+        self._config["memory_layers"] = [int(i) for i in memory_layers]
+        self._config["recurrent_layers"] = [int(i) for i in recurrent_layers]
+        self.vocab_size, self.embed_dim = vocab_size, embed_dim
+        self.window = window
+        self.absolute_positions = absolute_positions
+        self.final_dropout, self.embedding_stddev = final_dropout, embedding_stddev
+        self.divisor = logit_divisor(logit_scale, vocab_size, embed_dim)
+        self.feedback = feedback
+        self.recurrent_index = max(recurrent_layers) if recurrent_layers else None  # the highest wins (meliad)
         self.blocks = []
-        for i in range(model.num_layers):
-            is_memory = i in recipe.memory_layers
-            is_recurrent = i in recipe.recurrent_layers
-            self.blocks.append(TransformerLayer(
-                model=model, window=recipe.attention.window, xl_cache=recipe.attention.xl_cache, kernel=kernel,
-                position_bias_factory=position_bias,
-                memory=recipe.memory if is_memory else None, memory_store=memory_store,
-                recurrence=recipe.recurrence if is_recurrent else None, make_gate=make_gate,
-                feedback=self.feedback and not is_recurrent,
+        for i in range(num_layers):
+            is_recurrent = i in recurrent_layers
+            self.blocks.append(TransformerBlock(
+                embed_dim=embed_dim, num_heads=num_heads, head_dim=head_dim, mlp_dim=mlp_dim, window=window,
+                xl_cache=xl_cache, kernel=kernel, kernel_options=kernel_options, position=position,
+                position_options=position_options, normalize_keys=normalize_keys, dropout=dropout,
+                attn_dropout=attn_dropout, use_causal_mask=use_causal_mask, mlp_activation=mlp_activation,
+                mlp_use_bias=mlp_use_bias, norm_use_mean=norm_use_mean, norm_use_bias=norm_use_bias,
+                memory=memory if i in memory_layers else None,
+                recurrence=recurrence if is_recurrent else None, feedback=feedback and not is_recurrent,
                 seed=None if seed is None else seed + 1 + i, name=f"transformer{i}"))
-        self.final_norm = RMSNorm(name="final_layernorm")
+        self.final_norm = None
+        if use_final_layernorm:
+            self.final_norm = LayerNorm(name="final_layernorm", use_mean=norm_use_mean, use_bias=norm_use_bias)
+        self.final_mlp = FinalMLP(embed_dim, mlp_dim, name="final_mlp") if final_mlp else None
         self.seed_generator = keras.random.SeedGenerator(seed)
 
+    def get_config(self):
+        return {**super().get_config(), **self._config}
+
     def build(self, input_shape=None):
-        e = self.recipe.model.embed_dim
+        e = self.embed_dim
         self.embedding = self.add_weight(shape=(self.vocab_size, e), name="embedding",
-                                         initializer=keras.initializers.RandomNormal(stddev=1.0))
+                                         initializer=keras.initializers.RandomNormal(stddev=self.embedding_stddev))
         for block in self.blocks:
             block.build(None)
-        self.final_norm.build((None, None, e))
+        if self.final_norm is not None:
+            self.final_norm.build((None, None, e))
+        if self.final_mlp is not None:
+            self.final_mlp.build(None)
 
-    def state_shapes(self, batch_size: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    def state_spec(self, batch_size: int) -> dict[str, tuple[tuple[int, ...], str]]:
         """Flat 'transformer{i}/name' -> (shape, dtype) of all carried state."""
         return {f"{block.name}/{key}": spec for block in self.blocks
-                for key, spec in block.state_shapes(batch_size).items()}
+                for key, spec in block.state_spec(batch_size).items()}
 
     def split_state(self, state: dict) -> list[dict]:
         """Flat 'transformer{i}/name' state -> one {name: value} dict per layer."""
@@ -87,9 +94,9 @@ class DecoderStack(keras.layers.Layer):
         return per_layer
 
     def call(self, tokens, state: dict, start_of_sequence, training: bool = False):
-        """tokens (B, N) int; state as in `state_shapes`. Returns (logits (B, N, V), new_state)."""
+        """tokens (B, N) int; state as in `state_spec`. Returns (logits (B, N, V), new_state)."""
         x = ops.take(ops.cast(self.embedding, self.compute_dtype), tokens % self.vocab_size, axis=0)
-        if self.recipe.model.absolute_positions:
+        if self.absolute_positions:
             x = x + ops.cast(absolute_position_embeddings(x.shape[1], x.shape[2]), x.dtype)[None]
         per_layer = self.split_state(state)
         if self.feedback:
@@ -97,7 +104,11 @@ class DecoderStack(keras.layers.Layer):
         else:
             for i, block in enumerate(self.blocks):
                 x, per_layer[i] = block(x, per_layer[i], start_of_sequence, training=training)
-        y = tiled_dropout(self.final_norm(x), self.recipe.model.dropout, self.seed_generator, training)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        y = tiled_dropout(x, self.final_dropout, self.seed_generator, training)
+        if self.final_mlp is not None:
+            y = self.final_mlp(y)
         logits = ops.matmul(ops.cast(y, "float32"), ops.transpose(ops.cast(self.embedding, "float32")))
         new_state = {f"{block.name}/{key}": value for block, layer_state in zip(self.blocks, per_layer)
                      for key, value in layer_state.items()}
@@ -105,7 +116,7 @@ class DecoderStack(keras.layers.Layer):
 
     def _feedback_windows(self, x, per_layer, start_of_sequence, training):
         """Runs the whole stack on one window at a time (meliad's dstack windows + feedback_recurrence)."""
-        w = self.recipe.attention.window
+        w = self.window
         rec = self.blocks[self.recurrent_index]
         outputs = []
         sos = start_of_sequence
@@ -118,3 +129,22 @@ class DecoderStack(keras.layers.Layer):
             outputs.append(h)
             sos = ops.zeros_like(start_of_sequence)
         return ops.concatenate(outputs, axis=1), per_layer
+
+
+@keras.saving.register_keras_serializable(package="meliad")
+class FinalMLP(keras.layers.Layer):
+    """meliad's optional MLP before the logits (options/final_mlp.gin): relu(y·W0)·W1, no biases."""
+
+    def __init__(self, embed_dim: int, hidden_dim: int, **kwargs):
+        super().__init__(**kwargs)
+        self.embed_dim, self.hidden_dim = embed_dim, hidden_dim
+
+    def build(self, input_shape=None):
+        self.w_hidden, _ = add_dense(self, self.embed_dim, self.hidden_dim, "hidden0")
+        self.w_output, _ = add_dense(self, self.hidden_dim, self.embed_dim, "output_layer")
+
+    def call(self, x):
+        return dense(ops.relu(dense(x, self.w_hidden)), self.w_output)
+
+    def get_config(self):
+        return {**super().get_config(), "embed_dim": self.embed_dim, "hidden_dim": self.hidden_dim}

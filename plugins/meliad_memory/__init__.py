@@ -1,7 +1,6 @@
 """Built-in memory stores: `bucketed` (meliad's approximate kNN) and `exact` (true top-k)."""
 
-from meliad_core.hookspecs import hookimpl
-from meliad_core.plugins import LazyObject
+from meliad_core.extend import LazyObject, hookimpl
 
 
 @hookimpl

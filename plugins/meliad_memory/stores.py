@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from keras import ops
 
-from meliad_core.layers.memory import query_chunk_size
+from meliad_core.extend import query_chunk_size
 
 EMPTY_PENALTY = -1e6
 ONE_HOT_SHARPNESS = 1e6

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from meliad_core.layers.attention import relative_positions
+from meliad_core.extend import PositionStrategy, relative_positions
 
 
 def relative_position_bucket(rel: np.ndarray, bidirectional: bool = False, num_buckets: int = 32,
@@ -26,7 +26,8 @@ def relative_position_bucket(rel: np.ndarray, bidirectional: bool = False, num_b
     eps = np.finfo(np.float32).eps
     with np.errstate(divide="ignore"):
         large = max_exact + (
-            np.log(n.astype(np.float32) / max_exact + eps) / np.log(max_distance / max_exact) * (num_buckets - max_exact)
+            np.log(n.astype(np.float32) / max_exact + eps) / np.log(max_distance / max_exact)
+            * (num_buckets - max_exact)
         ).astype(np.int32)
     large = np.minimum(large, num_buckets - 1)
     return ret + np.where(n < max_exact, n, large)
@@ -41,7 +42,7 @@ def _buckets(num_queries: int, num_keys: int, offset: int | None, num_buckets: i
     return buckets
 
 
-class T5RelativeBias(keras.layers.Layer):
+class T5RelativeBias(PositionStrategy):
     """Returns bias[h, i, j] = table[h, bucket(j − (i + offset))], shape (H, Q, K)."""
 
     def __init__(self, num_heads: int, num_buckets: int = 32, max_distance: int = 128, **kwargs):
@@ -51,11 +52,13 @@ class T5RelativeBias(keras.layers.Layer):
         self.max_distance = max_distance
 
     def build(self, input_shape=None):
+        # flax default_embed_init on an (H, buckets) array: untruncated normal, std 1/sqrt(buckets) (spec §2.3)
         self.table = self.add_weight(
             shape=(self.num_heads, self.num_buckets),
             initializer=keras.initializers.RandomNormal(stddev=1.0 / np.sqrt(self.num_buckets)),
             name="rel_embedding",
         )
+        self.built = True
 
     def compute_bias(self, num_queries: int, num_keys: int, offset: int | None = None):
         buckets = _buckets(num_queries, num_keys, offset, self.num_buckets, self.max_distance)
