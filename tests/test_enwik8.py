@@ -7,19 +7,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from meliad_core import data, plugins, recipes
+from meliad_core import data, recipes
 from meliad_core.config import DataConfig, RecipeError
 from meliad_data.text_files import ByteSpans, article_spans, merge_articles
 
 MARKER = b"<page>"
 
 
-@pytest.fixture(autouse=True)
-def default_plugins():
-    """The installed plugins only (other test modules install fakes)."""
-    plugins.set_plugin_manager(None)
-    yield
-    plugins.set_plugin_manager(None)
+pytestmark = pytest.mark.usefixtures("installed_plugins")
 
 
 def fake_wiki(pages: int = 60, seed: int = 0) -> bytes:

@@ -51,11 +51,7 @@ def build(factory, name="gate_attn", width=WIDTH, hidden_dim=HIDDEN):
     return layer
 
 
-@pytest.fixture(autouse=True)
-def default_plugins():
-    plugins.set_plugin_manager(None)
-    yield
-    plugins.set_plugin_manager(None)
+pytestmark = pytest.mark.usefixtures("installed_plugins")
 
 
 def test_gates_are_registered():

@@ -18,8 +18,6 @@ from meliad_core import plugins
 from meliad_core.config import RecipeError
 from meliad_positions import make_alibi, make_fourier, make_no_bias, make_rotary, make_t5_bias
 from meliad_positions.alibi import ALiBiBias, alibi_slopes
-from meliad_positions.fourier import FourierRelativeBias
-from meliad_positions.rotary import RotaryPositions
 from meliad_positions.t5 import T5RelativeBias, relative_position_bucket
 
 
@@ -39,11 +37,7 @@ def make(factory, options=None, *, num_heads=2, head_dim=8, window=4, name="rela
     return layer
 
 
-@pytest.fixture(autouse=True)
-def default_plugins():
-    plugins.set_plugin_manager(None)
-    yield
-    plugins.set_plugin_manager(None)
+pytestmark = pytest.mark.usefixtures("installed_plugins")
 
 
 # ----------------------------------------------------------------------------------------------

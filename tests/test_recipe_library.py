@@ -12,7 +12,7 @@ import keras
 import pytest
 import yaml
 
-from meliad_core import plugins, recipes
+from meliad_core import recipes
 from meliad_core.config import RecipeError
 
 RECIPES_DIR = recipes.bundled_recipes_dir()
@@ -28,12 +28,7 @@ MIRRORS = [name for name in ALL if name.split("/")[0] in PIECE_FOLDERS] + [
 TRAIN_OVERRIDES = ["train.steps=2", "eval.steps=1", "eval.every=2", "train.checkpoint_every=2"]
 
 
-@pytest.fixture(autouse=True)
-def default_plugins():
-    """The installed plugins only (other test modules install fakes)."""
-    plugins.set_plugin_manager(None)
-    yield
-    plugins.set_plugin_manager(None)
+pytestmark = pytest.mark.usefixtures("installed_plugins")
 
 
 def load(name: str, overrides=()):
