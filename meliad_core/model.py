@@ -41,6 +41,20 @@ def token_losses(tokens, logits, loss_mask_ids=()):
     return nats * valid, valid, targets
 
 
+DTYPE_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
+
+
+def _with_dtype_policy(dtype: str, make):
+    """Builds layers under Keras' dtype policy for `dtype` (bfloat16: mixed precision, i.e. bfloat16
+    compute with float32 weights and optimizer state), so that every sublayer gets it."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(DTYPE_POLICIES[dtype])
+    try:
+        return make()
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
 def _state_var_name(stream: str, key: str) -> str:
     return f"state_{stream}_{key.replace('/', '_')}"
 
@@ -65,7 +79,8 @@ class MeliadLM(keras.Model):
         self.segment_length = recipe.data.segment_length
         self.streams = tuple(streams)
         self.loss_mask_ids = tuple(recipe.model.loss_mask_ids)
-        self.stack = DecoderStack(**assemble.stack_arguments(recipe, self.vocab_size), name="decoder")
+        self.stack = _with_dtype_policy(recipe.model.dtype, lambda: DecoderStack(
+            **assemble.stack_arguments(recipe, self.vocab_size), name="decoder"))
         self._inference_stream = "predict" if "predict" in self.streams else self.streams[-1]
         self.state_vars: dict[str, dict[str, keras.Variable]] = {}
         for stream in self.streams:
@@ -201,6 +216,24 @@ class MeliadLM(keras.Model):
         embedding = int(np.prod(self.stack.embedding.shape))
         return sum(int(np.prod(v.shape)) for v in self.trainable_weights) - embedding
 
+    # -- incremental decoding and generation (meliad_core.decoding) ------------------------------
+
+    def decoder(self, compiled: bool = True):
+        """This model's `meliad_core.decoding.Decoder` (one per model and mode, made on first use):
+        the decoding state and the compiled one-token step."""
+        from meliad_core.decoding import Decoder
+
+        decoders = self.__dict__.setdefault("_meliad_decoders", {})
+        if compiled not in decoders:
+            decoders[compiled] = Decoder(self, compiled=compiled)
+        return decoders[compiled]
+
+    def generate(self, prompt_ids, max_tokens: int, sampler="greedy", **kwargs):
+        """Samples up to `max_tokens` ids after `prompt_ids`; see `meliad_core.decoding.generate`."""
+        from meliad_core.decoding import generate
+
+        return generate(self, prompt_ids, max_tokens, sampler=sampler, **kwargs)
+
 
 def build_model(recipe: Recipe, vocab_size: int | None = None, batch_size: int | None = None,
                 streams: tuple[str, ...] = STREAMS) -> MeliadLM:
@@ -214,8 +247,6 @@ def build_model(recipe: Recipe, vocab_size: int | None = None, batch_size: int |
         from meliad_core.vocab import load_vocabulary
 
         vocab_size = load_vocabulary(recipe.data).vocab_size
-    if recipe.model.dtype == "bfloat16":
-        raise RecipeError("model.dtype: bfloat16 is not built yet; use float32")
     if recipe.train.seed is not None:
         keras.utils.set_random_seed(recipe.train.seed)
     model = MeliadLM(recipe, vocab_size, batch_size=batch_size, streams=streams, name="meliad_lm")
