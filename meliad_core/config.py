@@ -134,6 +134,9 @@ class AdafactorConfig:
     base_lr: float = 1.0  # meliad's FlaxAdafactorConfig.learning_rate: multiplies the schedule
     beta1: float | None = 0.9  # momentum on the scaled step; null (or 0): none
     decay_rate: float = 0.8  # second-moment decay ρ_t = 1 − (t+1)^−decay_rate
+    min_scale: float = 1e-3  # flax's epsilon2: the floor of the parameter scale in step = lr·max(RMS(p), floor)·u
+    small_size: int = 0  # beyond meliad: parameters with fewer elements than this (0: none) ...
+    small_lr_multiplier: float = 1.0  # ... have their learning rate multiplied by this (docs/long_range.md)
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,14 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class DistributionConfig:
+    """Training on several devices (JAX): batch rows, and every stream's state with them, split across devices."""
+
+    kind: str = field(default="data_parallel", metadata=_choice("data_parallel"))
+    devices: int | None = None  # None: every device JAX sees
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A whole, validated run description."""
 
@@ -181,6 +192,7 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distribution: DistributionConfig | None = None  # absent: one device
 
     def to_dict(self) -> dict:
         return _to_plain(dataclasses.asdict(self))
@@ -333,6 +345,9 @@ def _check_train(recipe: Recipe) -> None:
     if t.adafactor.beta1 is not None:
         unit(t.adafactor.beta1, "train.adafactor.beta1")
     unit(t.adafactor.decay_rate, "train.adafactor.decay_rate", closed=True)
+    _positive(t.adafactor.min_scale, "train.adafactor.min_scale")
+    _positive(t.adafactor.small_size, "train.adafactor.small_size", allow_zero=True)
+    _positive(t.adafactor.small_lr_multiplier, "train.adafactor.small_lr_multiplier")
     _positive(t.adam.base_lr, "train.adam.base_lr")
     unit(t.adam.beta1, "train.adam.beta1")
     unit(t.adam.beta2, "train.adam.beta2")
@@ -426,7 +441,6 @@ def _check_bounds(recipe: Recipe) -> None:
                                             f"model.vocab_size ({m.vocab_size})")
     seed = recipe.train.seed
     _check(seed is None or 0 <= seed <= MAX_SEED, f"train.seed: got {seed}, expected an integer in [0, {MAX_SEED}]")
-    _check(m.dtype != "bfloat16", "model.dtype: got 'bfloat16', which is not built yet; expected float32")
     name = recipe.name
     _check(len(name) <= 200 and "/" not in name and "\\" not in name and name not in (".", "..")
            and name.isprintable(), f"name: got {name[:200]!r}, expected a plain name (it names the default "
@@ -537,4 +551,16 @@ def validate_recipe(mapping: dict) -> Recipe:
             "expected a layer to be either recurrent or a memory layer",
         )
     _check_bounds(recipe)
+    _check_distribution(recipe)
     return recipe
+
+
+def _check_distribution(recipe: Recipe) -> None:
+    dist = recipe.distribution
+    if dist is None:
+        return
+    _positive(dist.devices, "distribution.devices")
+    if dist.devices is not None:
+        _check(recipe.data.batch_size % dist.devices == 0,
+               f"distribution.devices: got {dist.devices}, expected a divisor of data.batch_size "
+               f"({recipe.data.batch_size}): each device takes whole batch rows")
