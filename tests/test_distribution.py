@@ -55,3 +55,15 @@ def test_distribution_is_validated_and_refused_off_jax():
             make_distribution(validate_recipe(tiny_recipe("xl", batch_size=8 * available * 2,
                                                           distribution={"devices": 2 * available})).distribution,
                               8 * available * 2)
+
+
+@pytest.mark.skipif(not ON_JAX, reason="multi-device training is JAX's (the jax env runs it)")
+def test_scale_benchmark_prints_state_shrinking_per_device():
+    script = HERE.parent / "benchmarks" / "scale.py"
+    proc = subprocess.run([sys.executable, str(script), "--arch", "xl", "--devices", "1", "2", "--steps", "1",
+                           "--batch-size", "2"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ") and "devices" not in line]
+    (one, two) = [[cell.strip() for cell in row] for row in rows]
+    assert one[0] == "1" and two[0] == "2"
+    assert float(two[2]) * 2 == pytest.approx(float(one[2])) and float(two[3]) == pytest.approx(float(one[3]))
