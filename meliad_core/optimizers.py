@@ -61,8 +61,14 @@ class Adafactor(keras.optimizers.Optimizer):
             v̂ = v = ρ·v + (1 − ρ)·G
         u    = g / √v̂
         u    = u / max(1, RMS(u)/clipping_threshold)           (update clipping; off if None)
-        step = lr · max(RMS(p), epsilon2) · u                  (RMS(p) only if multiply_by_parameter_scale)
+        step = lr · s · max(RMS(p), epsilon2) · u              (RMS(p) only if multiply_by_parameter_scale)
+        s    = small_lr_multiplier if p has fewer than small_size elements, else 1 (not in flax; off by default)
         m    = beta1·m + (1 − beta1)·step;   p ← p − m         (beta1 None: no momentum, p ← p − step)
+
+    epsilon2 is the floor of the parameter scale (flax's 1e-3): a parameter initialised to zeros (meliad's
+    memory gate bias) moves lr·1e-3 per step, 1e-5 at lr 0.01, and barely leaves its initial value in a
+    short run. `small_size`/`small_lr_multiplier` (or a larger epsilon2) let such scalars and vectors
+    learn at short budgets (docs/long_range.md); the defaults are flax's, which meliad trains with.
 
     RMS is over the whole parameter. Axes other than a and b (rank > 2) are kept as batch axes: R and C
     are stored with a size-1 axis in place of a (resp. b). All accumulators (R, C, v, m) are float32
@@ -86,6 +92,8 @@ class Adafactor(keras.optimizers.Optimizer):
         epsilon1: float = 1e-30,
         epsilon2: float = 1e-3,
         multiply_by_parameter_scale: bool = True,
+        small_size: int = 0,
+        small_lr_multiplier: float = 1.0,
         name: str = "adafactor",
         **kwargs,
     ):
@@ -99,6 +107,16 @@ class Adafactor(keras.optimizers.Optimizer):
         self.epsilon1 = epsilon1
         self.epsilon2 = epsilon2
         self.multiply_by_parameter_scale = multiply_by_parameter_scale
+        self.small_size = int(small_size)
+        self.small_lr_multiplier = float(small_lr_multiplier)
+
+    def lr_multiplier(self, shape) -> float:
+        """The learning-rate multiplier of a parameter of this shape: `small_lr_multiplier` if it has fewer
+        than `small_size` elements (0: none has), else 1."""
+        size = 1
+        for n in shape:
+            size *= int(n)
+        return self.small_lr_multiplier if size < self.small_size else 1.0
 
     def _factored_dims(self, shape):
         if not self.factored:
@@ -162,7 +180,8 @@ class Adafactor(keras.optimizers.Optimizer):
 
         if self.clipping_threshold is not None:
             u = u / ops.maximum(1.0, _rms(u) / self.clipping_threshold)
-        step = lr * u
+        multiplier = self.lr_multiplier(variable.shape)
+        step = lr * u if multiplier == 1.0 else (lr * multiplier) * u
         if self.multiply_by_parameter_scale:
             step = step * ops.maximum(_rms(p), self.epsilon2)
         if self.beta1:
@@ -183,6 +202,8 @@ class Adafactor(keras.optimizers.Optimizer):
             epsilon1=self.epsilon1,
             epsilon2=self.epsilon2,
             multiply_by_parameter_scale=self.multiply_by_parameter_scale,
+            small_size=self.small_size,
+            small_lr_multiplier=self.small_lr_multiplier,
         )
         return config
 
@@ -195,7 +216,10 @@ def make_optimizer(train: TrainConfig, total_steps: int | None = None) -> keras.
     Trainer.learning_rate_schedule_fn multiplies the schedule by the optimizer config's learning_rate.
 
     - adafactor (`train.adafactor`, meliad's FlaxAdafactorConfig → flax.optim.Adafactor): `Adafactor`
-      with base_lr 1.0, beta1 0.9 (null: no momentum) and decay_rate 0.8, flax's defaults otherwise.
+      with base_lr 1.0, beta1 0.9 (null: no momentum) and decay_rate 0.8, flax's defaults otherwise;
+      `min_scale` is flax's epsilon2 (1e-3), the floor of the parameter scale; parameters with fewer
+      than `small_size` elements (0: none) have their learning rate multiplied by `small_lr_multiplier`
+      (beyond meliad, for short runs: docs/long_range.md).
     - adam (`train.adam`, meliad's old AdamConfig → flax.optim.Adam): `keras.optimizers.Adam` with
       base_lr 0.05 (so with the default cosine schedule Adam peaks at 0.05·0.01 = 5e-4), beta1 0.9,
       beta2 0.98, epsilon 1e-8 (flax's) and weight_decay 0 (meliad's old default; head's 1e-4 must be
@@ -212,7 +236,9 @@ def make_optimizer(train: TrainConfig, total_steps: int | None = None) -> keras.
     if train.optimizer == "adafactor":
         cfg = train.adafactor
         schedule = MeliadSchedule(train.learning_rate, train.warmup, steps, base_lr=cfg.base_lr)
-        return Adafactor(learning_rate=schedule, beta1=cfg.beta1, decay_rate=cfg.decay_rate)
+        return Adafactor(learning_rate=schedule, beta1=cfg.beta1, decay_rate=cfg.decay_rate,
+                         epsilon2=cfg.min_scale, small_size=cfg.small_size,
+                         small_lr_multiplier=cfg.small_lr_multiplier)
     if train.optimizer == "adam":
         cfg = train.adam
         schedule = MeliadSchedule(train.learning_rate, train.warmup, steps, base_lr=cfg.base_lr)

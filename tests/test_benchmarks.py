@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -60,30 +61,80 @@ def test_scaling_prints_a_table():
 def test_long_range_prints_a_table(tmp_path):
     out = bench("long_range.py", "--recipes", "inline", "--steps", "2", "--eval-batches", "2", "--segment-length", "32",
                 "--window", "16", "--batch-size", "2", "--memory-size", "128", "--neighbors", "16", "--states", "8",
-                "--workdir", str(tmp_path), *TINY_MODEL)
+                "--seeds", "1", "--workdir", str(tmp_path), *TINY_MODEL)
     assert out.startswith("command: python benchmarks/long_range.py --backend")
-    assert "machine: " in out and "recipes: inline" in out
+    assert "machine: " in out and "recipes: inline" in out and "load average at start: " in out
     header, rows = table(out)
-    assert header[0] == "model" and "tokens/s" in header and "rest bits/tok" in header
+    assert header[0] == "model" and "rest bits/tok" in header and "CPU s" in header
     assert [r[0] for r in rows] == ["xl", "memorizing", "recurrent"]
     for row in rows:
         assert not any(cell.startswith("failed") for cell in row), row
         assert row[header.index("steps")] == "2" and float(row[header.index("bits/tok")]) > 0
-        assert (tmp_path / row[0] / "report" / "long_range.json").is_file()
+        assert row[header.index("seeds")] == "1"
+        assert (tmp_path / f"{row[0]}_s1" / "report" / "long_range.json").is_file()
+    assert rows[0][header.index("gain long-range")] == "-"  # XL against itself
+    assert (tmp_path / "long_range_comparison.json").is_file()
+
+
+def test_long_range_seed_spread_gain_and_plot(tmp_path):
+    """Two seeds: every cell is a mean ± sd, the gains vs XL are paired by seed, the comparison JSON
+    holds one curve per model, and the plot is written (or skipped with one line without matplotlib)."""
+    out = bench("long_range.py", "--recipes", "inline", "--models", "xl", "memorizing", "--steps", "2",
+                "--eval-batches", "3", "--segment-length", "16", "--window", "8", "--batch-size", "2",
+                "--memory-size", "64", "--neighbors", "8", "--seeds", "3", "4", "--workdir", str(tmp_path),
+                *TINY_MODEL)
+    header, rows = table(out)
+    assert [r[0] for r in rows] == ["xl", "memorizing"]
+    for row in rows:
+        assert row[header.index("seeds")] == "3 4"
+        assert " ± " in row[header.index("bits/tok")] and " ± " in row[header.index("beyond 2 segments")]
+    gain = rows[1][header.index("gain beyond 2 segments")]
+    assert gain.endswith(tuple("0123456789")) and "%" in gain and " ± " in gain
+    comparison = json.loads((tmp_path / "long_range_comparison.json").read_text())
+    assert set(comparison["curves"]) == {"xl", "memorizing"} and len(comparison["runs"]) == 4
+    assert all(p["seeds"] == 2 for p in comparison["curves"]["xl"])
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "note: plot skipped: matplotlib is not installed" in out
+    else:
+        assert f"plot: {tmp_path / 'long_range.png'}" in out and (tmp_path / "long_range.png").is_file()
+    # the plot can be redrawn from the JSON alone
+    again = bench("long_range.py", "--plot-from", str(tmp_path / "long_range_comparison.json"))
+    assert again.startswith(("plot: ", "note: plot skipped"))
+
+
+def test_long_range_statistics():
+    module = load_script("long_range")
+    assert module.mean_sd([1.0, 3.0]) == (2.0, pytest.approx(2 ** 0.5)) and module.mean_sd([2.0]) == (2.0, None)
+    assert module.mean_sd([None]) == (None, None)
+    assert module.fmt((0.25, 0.05), percent=True) == "+25.0% ± 5.0" and module.fmt((1.0, None)) == "1.000"
+    report = {"segment_length": 8, "buckets": [
+        {"start": 0, "end": 2, "tokens": 2, "bits_per_token": 5.0}, {"start": 8, "end": 16, "tokens": 8, "bits_per_token": 4.0},
+        {"start": 16, "end": 32, "tokens": 10, "bits_per_token": 2.0}, {"start": 32, "end": 64, "tokens": 30, "bits_per_token": 1.0}]}
+    assert module.beyond(report) == {"tokens": 40, "bits_per_token": pytest.approx((20 + 30) / 40)}
+    xl = {"long_range": {"bits_per_token": 4.0}}
+    assert module.gain({"long_range": {"bits_per_token": 3.0}}, xl, "long_range") == pytest.approx(0.25)
+    assert module.gain({"long_range": {"bits_per_token": None}}, xl, "long_range") is None
 
 
 def test_long_range_recipes_are_valid():
-    """The inline recipes at their default sizes (and the bundled ones, where present) validate."""
+    """The inline recipes at their default sizes (and the bundled and demo ones, where present) validate."""
     module = load_script("long_range")
     args = module.argparse.Namespace(segment_length=128, window=64, batch_size=4, memory_size=2048, neighbors=32,
-                                     states=64, steps=500, sets=[])
-    sources = ["inline"] + (["bundled"] if module.bundled_available() else [])
+                                     states=64, steps=500, sets=[], task="ledgers")
+    sources = (["inline"] + (["bundled"] if module.bundled_available() else [])
+               + (["demos"] if module.demos_available() else []))
     for source in sources:
         for model in module.MODELS:
-            recipe = validate_recipe(module.recipe_mapping(model, args, source))
-            assert recipe.train.steps == 500 and recipe.eval.steps == 0
+            recipe = validate_recipe(module.recipe_mapping(model, args, source, seed=7))
+            assert recipe.train.steps == 500 and recipe.eval.steps == 0 and recipe.train.seed == 7
             assert (recipe.memory is not None) == (model == "memorizing")
             assert (recipe.recurrence is not None) == (model == "recurrent")
+    if module.demos_available():  # without --steps the demos keep their own budget
+        args.steps = None
+        own = validate_recipe(module.recipe_mapping("xl", args, "demos"))
+        assert own.train.steps == validate_recipe(module.recipe_mapping("memorizing", args, "demos")).train.steps
 
 
 @pytest.mark.parametrize("part, values", [("segment", [128, 256, 512, 1024, 2048]),

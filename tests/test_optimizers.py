@@ -408,7 +408,8 @@ def test_optimizer_defaults_are_meliads():
     assert AdamConfig() == AdamConfig(base_lr=0.05, beta1=0.9, beta2=0.98, weight_decay=0.0)
     recipe = validate_recipe({"train": {"adam": {"weight_decay": 1e-4}, "adafactor": {"beta1": None}}})
     assert recipe.train.adam.weight_decay == 1e-4 and recipe.train.adafactor.beta1 is None
-    assert recipe.to_dict()["train"]["adafactor"] == {"base_lr": 1.0, "beta1": None, "decay_rate": 0.8}
+    assert recipe.to_dict()["train"]["adafactor"] == {"base_lr": 1.0, "beta1": None, "decay_rate": 0.8,
+                                                       "min_scale": 0.001, "small_size": 0, "small_lr_multiplier": 1.0}
 
 
 @pytest.mark.parametrize("section,key,value,expected", [
