@@ -78,3 +78,68 @@ def test_torch_sdpa_gradients_equal_reference():
         grads.append([t.grad.cpu().numpy() for t in (q, k, v, bias, scale)])
     for a, b in zip(*grads):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+CASES = ["window", "no_cache_with_empty_row", "no_mask_no_bias", "no_scale"]
+
+
+def _case(case, q, k, v, bias, scale):
+    kwargs = {"window": dict(bias=bias, mask=window_mask(4, 8, 4), scale=scale),
+              "no_cache_with_empty_row": dict(bias=bias[:, :, :4], mask=window_mask(4, 4, 4, offset=0), scale=scale),
+              "no_mask_no_bias": dict(scale=scale),
+              "no_scale": dict(bias=bias, mask=window_mask(4, 8, 4))}[case]
+    if case == "no_cache_with_empty_row":
+        k, v = k[:, :, :4], v[:, :, :4]
+    return q, k, v, kwargs
+
+
+# jax_dpa is registered but not available on CPU (no gain there), so the parametrised tests above skip
+# it on CPU; these test the kernel object itself wherever the backend is JAX.
+@pytest.mark.skipif(BACKEND != "jax", reason="jax_dpa serves the jax backend only")
+@pytest.mark.parametrize("case", CASES)
+def test_jax_dpa_forward_and_gradients_equal_reference(case):
+    import jax
+
+    from meliad_jax.attention import JaxDotProductAttention
+
+    kernel = JaxDotProductAttention()
+    q, k, v, kwargs = _case(case, *_inputs(np.random.default_rng(5)))
+    bias, scale = kwargs.pop("bias", None), kwargs.pop("scale", None)
+    out_weights = np.linspace(-1, 1, q.size).reshape(q.shape).astype("float32")
+
+    def loss(fn):
+        return lambda q, k, v, bias, scale: (fn(q, k, v, bias=bias, scale=scale, **kwargs) * out_weights).sum()
+
+    got = jax.jit(lambda *a: kernel.attend(*a[:3], bias=a[3], scale=a[4], **kwargs))(q, k, v, bias, scale)
+    expected = reference_attend(q, k, v, bias=bias, scale=scale, **kwargs)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5)
+    if case == "no_cache_with_empty_row":
+        assert not np.asarray(got)[:, :, 0].any()
+    argnums = tuple(i for i, x in enumerate((q, k, v, bias, scale)) if x is not None)
+    g_fast = jax.jit(jax.grad(loss(kernel.attend), argnums=argnums))(q, k, v, bias, scale)
+    g_ref = jax.grad(loss(reference_attend), argnums=argnums)(q, k, v, bias, scale)
+    for a, b in zip(g_fast, g_ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="jax_dpa serves the jax backend only")
+def test_jax_dpa_with_dropout_mask_runs_the_reference_and_auto_skips_it_on_cpu():
+    import jax
+
+    from meliad_core import assemble
+    from meliad_jax.attention import JaxDotProductAttention
+
+    q, k, v, bias, scale = _inputs(np.random.default_rng(6))
+    drop = (np.random.default_rng(7).uniform(size=(2, 4, 8)) > 0.3).astype("float32") / 0.7
+    kwargs = dict(bias=bias, mask=window_mask(4, 8, 4), scale=scale, dropout_mask=drop)
+    np.testing.assert_allclose(np.asarray(JaxDotProductAttention().attend(q, k, v, **kwargs)),
+                               np.asarray(reference_attend(q, k, v, **kwargs)), rtol=1e-6, atol=1e-6)
+    reason = MANAGER.get("attention_kernel", "jax_dpa").unavailable_reason("jax")
+    assert (reason is None) == (jax.default_backend() != "cpu")
+    assert MANAGER.get("attention_kernel", "jax_dpa").unavailable_reason("torch") is not None
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="jax_dpa serves the jax backend only")
+def test_model_with_jax_dpa_equals_reference_model(monkeypatch):
+    monkeypatch.setenv("MELIAD_JAX_DPA_ON_CPU", "1")
+    test_model_with_kernel_equals_reference_model("jax_dpa", "xl")
