@@ -3,14 +3,20 @@
 Importing this module does not import Keras: `meliad run` must set KERAS_BACKEND before the first
 Keras import, and plugins (which may import Keras) are only loaded when a command needs them.
 Bad input of any kind ends with exactly one line on stderr, prefixed `meliad: error: `, and exit
-status 2.
+status 2. A fault (full disk, read-only folder, out of memory, a workdir in use or damaged) ends the
+same way with exit status 1, and so does an unexpected error, as "internal error". `--debug` (or
+MELIAD_DEBUG=1) prints the full traceback before that line. Python warnings are printed as one
+`meliad: warning: ` line each.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
+import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,6 +25,7 @@ import yaml
 
 from meliad_core import plugins
 from meliad_core.config import RecipeError
+from meliad_core.units import one_line
 
 BACKENDS = ("jax", "torch", "tensorflow")
 # backend -> (module that must be importable, human name)
@@ -26,6 +33,9 @@ FRAMEWORKS = {"jax": ("jax", "JAX"), "torch": ("torch", "PyTorch"), "tensorflow"
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 ERROR_PREFIX = "meliad: error: "
+DEBUG_ENV = "MELIAD_DEBUG"  # set (not 0): errors show their full traceback, as --debug does
+MAX_LINE = 2000  # characters of an error line; longer messages are cut
+_DEBUG = [False]  # --debug or $MELIAD_DEBUG, for this invocation
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", None)  # click >= 8.2
 
 
@@ -68,6 +78,8 @@ class MeliadGroup(click.Group):
 
 @click.group(cls=MeliadGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="meliad", prog_name="meliad")
+@click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=lambda c, p, v: _set_debug(c, p, v),
+              help="On an error, show the full traceback (also: MELIAD_DEBUG=1).")
 def cli() -> None:
     """Long-context transformers (meliad) on every Keras 3 backend."""
 
@@ -114,50 +126,113 @@ def _keras_backend_mismatch(backend: str) -> str | None:
     return current if current != backend else None
 
 
-@cli.command()
-@click.argument("recipe")
-@click.option("--backend", type=click.Choice(BACKENDS), envvar="KERAS_BACKEND", required=True,
-              help="Keras backend to run on (default: $KERAS_BACKEND).")
-@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where checkpoints and reports go (default: runs/<recipe name>).")
-@click.option("--load-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="A run folder whose latest checkpoint to start from.")
-@_set_option()
-def run(recipe: str, backend: str, workdir: Path | None, load_dir: Path | None, overrides: tuple[str, ...]) -> None:
-    """Train and evaluate RECIPE (a file or a bundled recipe name)."""
-    os.environ["KERAS_BACKEND"] = backend  # before anything below can import keras
+def use_backend(backend: str) -> None:
+    """Makes `backend` the Keras backend of this process (before anything imports Keras), or BadInput."""
+    os.environ["KERAS_BACKEND"] = backend
     _require_framework(backend)
     mismatch = _keras_backend_mismatch(backend)
     if mismatch:
         raise BadInput(f"--backend {backend}: Keras was already imported with the {mismatch} backend")
+    from meliad_core.threads import configure_threads  # before the framework starts its thread pools
+
+    for note in configure_threads(backend=backend).notes:
+        click.echo(f"meliad: warning: {note}", err=True)
+
+
+def _debug_option() -> Any:
+    return click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
+                        help=f"On an error, show the full traceback (also: {DEBUG_ENV}=1).")
+
+
+def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        _DEBUG[0] = True
+
+
+@cli.command()
+@click.argument("recipe")
+@click.option("--backend", type=click.Choice(BACKENDS), envvar="KERAS_BACKEND", required=True,
+              help="Keras backend to run on (default: $KERAS_BACKEND).")
+@click.option("--workdir", default=None, metavar="DIR",
+              help="Where checkpoints and reports go (default: runs/<recipe name>, or RECIPE itself when it is "
+                   "a run's workdir).")
+@click.option("--load-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="A run folder whose latest checkpoint's weights a new run starts from.")
+@click.option("--extend", type=click.IntRange(min=1), default=None, metavar="STEPS",
+              help="Continue the workdir's run for STEPS more steps than its train.steps (like "
+                   "--set train.steps=N; the learning-rate schedule keeps its length).")
+@click.option("--restart", is_flag=True,
+              help="Move the workdir's previous run (checkpoints, metrics, report) into previous_<time>/ and "
+                   "start again from step 0.")
+@click.option("--devices", default=None, metavar="N|all",
+              help="Data-parallel training over N (or all) JAX devices, each taking whole batch rows and their "
+                   "state (the recipe's distribution section; jax backend only).")
+@_set_option()
+@_debug_option()
+def run(recipe: str, backend: str, workdir: str | None, load_dir: Path | None, extend: int | None, restart: bool,
+        devices: str | None, overrides: tuple[str, ...]) -> None:
+    """Train and evaluate RECIPE (a file, a bundled recipe name, or a run's workdir to continue).
+
+    A workdir that holds a checkpoint is resumed; with a larger train.steps (or --extend) its run
+    continues to more steps.
+    """
+    if workdir is not None and not workdir.strip():
+        raise BadInput("--workdir: got '', expected a folder for the run's files")
+    use_backend(backend)
     from meliad_core import recipes, runner
 
+    if devices is not None:
+        if devices != "all" and not (devices.isdigit() and int(devices) > 0):
+            raise BadInput(f"--devices: got {devices!r}, expected a positive number of devices or 'all'")
+        overrides = (*overrides, "distribution={}" if devices == "all" else f"distribution.devices={int(devices)}")
     loaded = recipes.load_recipe(recipe, overrides, backend=backend)
     if workdir is None:
-        workdir = Path("runs") / (loaded.name or Path(recipe).stem)
-    runner.run_training(loaded, workdir=workdir, load_dir=load_dir)
+        is_workdir = Path(recipe).is_dir() and (Path(recipe) / runner.RECIPE_NAME).is_file()
+        workdir = recipe if is_workdir else str(Path("runs") / (loaded.name or Path(recipe).stem))
+    options = {"extend": extend} if extend else {}
+    if restart:
+        options["restart"] = True
+    runner.run_training(loaded, workdir=Path(workdir), load_dir=load_dir, **options)
+
+
+@contextlib.contextmanager
+def _report_folder(name: str):
+    """Writes the report into WORKDIR/<name>/ instead of WORKDIR/report/ for the duration."""
+    from meliad_core import report
+
+    previous, report.REPORT_DIR = report.REPORT_DIR, name
+    try:
+        yield
+    finally:
+        report.REPORT_DIR = previous
 
 
 @cli.command("report")
 @click.argument("workdir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--batches", type=click.IntRange(min=1), default=None, metavar="K",
+@click.option("--batches", type=click.IntRange(min=1, max=1 << 20), default=None, metavar="K",
               help="Eval batches to stream from the start of the eval split (default: the recipe's eval.steps, "
                    "or 10 if that is 0).")
 @click.option("--backend", type=click.Choice(BACKENDS), default=None,
               help="Keras backend (default: the one the run was trained on, from its checkpoint).")
 @click.option("--bucket-width", type=click.IntRange(min=1), default=None, metavar="TOKENS",
               help="Position buckets of this many tokens (default: log-spaced, 0, N/4, N/2, N, 2N, 4N, ...).")
-def report(workdir: Path, batches: int | None, backend: str | None, bucket_width: int | None) -> None:
+@click.option("--replace", is_flag=True,
+              help="Overwrite WORKDIR/report/ even when it holds a report (by default a new one goes beside it).")
+@_debug_option()
+def report(workdir: Path, batches: int | None, backend: str | None, bucket_width: int | None, replace: bool) -> None:
     """Bits/token by position in the document and on long-range tokens, for the run in WORKDIR.
 
     Loads the weights of WORKDIR's newest intact checkpoint, streams K batches of a fresh eval stream
-    through them and writes WORKDIR/report/long_range.json and long_range.png.
+    through them and writes WORKDIR/report/long_range.json and long_range.png. When WORKDIR/report/
+    already holds a report (the run's own, say), the new one goes beside it, into
+    WORKDIR/report/step_<N>_batches_<K>/, unless --replace is given.
     """
     from meliad_core import checkpoint as ckpt  # numpy only: keras is not imported yet
 
     found = ckpt.latest_valid_checkpoint(workdir, warn=lambda m: click.echo(f"meliad: warning: {m}", err=True))
     if found is None:
-        raise BadInput(f"{workdir}: no intact checkpoint found there; train first with 'meliad run'")
+        why = "" if ckpt.list_checkpoints(workdir) else " (no checkpoint at all: it is not a run's workdir)"
+        raise BadInput(f"{workdir}: no intact checkpoint found there{why}; train first with 'meliad run'")
     if backend is None:
         loaded = sys.modules.get("keras")
         saved = found[1].get("backend")
@@ -169,14 +244,17 @@ def report(workdir: Path, batches: int | None, backend: str | None, bucket_width
             backend = default_backend()
         if backend is None:
             raise BadInput("no Keras backend framework is installed; install one with: pip install \"meliad[jax]\"")
-    os.environ["KERAS_BACKEND"] = backend  # before anything below can import keras
-    _require_framework(backend)
-    mismatch = _keras_backend_mismatch(backend)
-    if mismatch:
-        raise BadInput(f"--backend {backend}: Keras was already imported with the {mismatch} backend")
-    from meliad_core.report import long_range_report
+    use_backend(backend)
+    from meliad_core.report import JSON_NAME, REPORT_DIR, long_range_report
 
-    long_range_report(workdir, batches, bucket_width=bucket_width, checkpoint=found)
+    folder = REPORT_DIR
+    if not replace and (workdir / REPORT_DIR / JSON_NAME).exists():
+        recipe = found[1].get("recipe") or {}
+        count = batches or (recipe.get("eval") or {}).get("steps") or 10
+        width = f"_width_{bucket_width}" if bucket_width else ""
+        folder = f"{REPORT_DIR}/step_{found[1]['step']}_batches_{count}{width}"
+    with _report_folder(folder):
+        long_range_report(workdir, batches, bucket_width=bucket_width, checkpoint=found)
 
 
 @cli.group("recipe")
@@ -186,13 +264,24 @@ def recipe_group() -> None:
 
 @recipe_group.command("show")
 @click.argument("recipe")
+@click.option("--backend", type=click.Choice(BACKENDS), default=None,
+              help="Check the plugins' availability for this backend (default: $KERAS_BACKEND, or the first "
+                   "installed).")
 @_set_option()
-def recipe_show(recipe: str, overrides: tuple[str, ...]) -> None:
-    """Print RECIPE resolved (includes and overrides applied) and validated, as YAML."""
-    from meliad_core import recipes
+@_debug_option()
+def recipe_show(recipe: str, backend: str | None, overrides: tuple[str, ...]) -> None:
+    """Print RECIPE resolved (includes and overrides applied) and validated, as YAML.
 
-    default_backend()
-    loaded = recipes.load_recipe(recipe, overrides)
+    It is checked exactly as 'meliad run' checks it before building a model, data options and files
+    included, so a recipe that 'recipe show' prints is one that 'run' starts.
+    """
+    from meliad_core import recipes, runner
+
+    if backend is not None:
+        use_backend(backend)
+    backend = default_backend()
+    loaded = recipes.load_recipe(recipe, overrides, backend=backend)
+    runner.prepare_data(loaded)
     click.echo(yaml.safe_dump(loaded.to_dict(), sort_keys=False, default_flow_style=False, width=1000), nl=False)
 
 
@@ -268,13 +357,42 @@ def plugins_command(ctx: click.Context) -> None:
 # Entry point
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
+def _line(text: object) -> str:
+    """An error message as one line of at most MAX_LINE characters."""
+    line = one_line(text)
+    return line if len(line) <= MAX_LINE else line[:MAX_LINE - 25] + f" ... ({len(line) - MAX_LINE + 25} more)"
+
+
+def _error(message: object, status: int) -> int:
+    if _DEBUG[0] and sys.exc_info()[0] is not None:
+        traceback.print_exc()
+    click.echo(ERROR_PREFIX + _line(message), err=True)
+    return status
+
+
+def _one_line_warnings(previous):
+    """A `warnings.showwarning` that prints warnings for users as one line each (`meliad: warning: ...`,
+    no source path); deprecation warnings, meant for developers, go to `previous` as before."""
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, (DeprecationWarning, PendingDeprecationWarning)):
+            previous(message, category, filename, lineno, file, line)
+        else:
+            click.echo(f"meliad: warning: {_line(message)}", err=True)
+    return show
 
 
 def run_cli(argv: Sequence[str] | None = None) -> int:
-    """Runs the command line and returns the exit status; errors go to stderr as one line."""
+    """Runs the command line and returns the exit status; errors go to stderr as one line (with
+    --debug or MELIAD_DEBUG=1, after the full traceback)."""
     args = list(sys.argv[1:] if argv is None else argv)
+    _DEBUG[0] = os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
+    with warnings.catch_warnings():
+        if not _DEBUG[0]:
+            warnings.showwarning = _one_line_warnings(warnings.showwarning)
+        return _dispatch(args)
+
+
+def _dispatch(args: list[str]) -> int:
     try:
         result = cli.main(args=args, prog_name="meliad", standalone_mode=False)
     except click.UsageError as exc:
@@ -283,32 +401,39 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
             return EXIT_OK
         where = f"{exc.ctx.command_path}: " if exc.ctx is not None else ""
         hint = f" (try '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
-        click.echo(ERROR_PREFIX + _one_line(where + exc.format_message()) + hint, err=True)
-        return EXIT_BAD_INPUT
+        return _error(_line(where + exc.format_message()) + hint, EXIT_BAD_INPUT)
     except click.ClickException as exc:
-        click.echo(ERROR_PREFIX + _one_line(exc.format_message()), err=True)
-        return exc.exit_code
+        return _error(exc.format_message(), exc.exit_code)
     except (RecipeError, plugins.PluginError) as exc:
-        click.echo(ERROR_PREFIX + _one_line(str(exc)), err=True)
-        return EXIT_BAD_INPUT
+        return _error(str(exc), EXIT_BAD_INPUT)
     except click.Abort:
-        click.echo(ERROR_PREFIX + "aborted", err=True)
-        return EXIT_FAILED
+        return _error("aborted", EXIT_FAILED)
     except KeyboardInterrupt:
-        click.echo(ERROR_PREFIX + "interrupted; a run keeps its last checkpoint and resumes from it", err=True)
-        return 130
+        return _error("interrupted; a run keeps its last checkpoint and resumes from it", 130)
     except Exception as exc:
         # never imported here: they may import keras
         runner = sys.modules.get("meliad_core.runner")
         data = sys.modules.get("meliad_core.data")
         report = sys.modules.get("meliad_core.report")
-        if (runner is not None and isinstance(exc, runner.RunError)) or (
-                data is not None and isinstance(exc, data.DataError)) or (
+        if runner is not None and isinstance(exc, runner.RunError):
+            return _error(str(exc), exc.exit_code)
+        if (data is not None and isinstance(exc, data.DataError)) or (
                 report is not None and isinstance(exc, report.ReportError)):
-            click.echo(ERROR_PREFIX + _one_line(str(exc)), err=True)
-            return EXIT_BAD_INPUT
-        raise
+            return _error(str(exc), EXIT_BAD_INPUT)
+        if isinstance(exc, OSError):
+            describe = runner.describe_os_error if runner is not None else one_line
+            return _error(describe(exc), EXIT_FAILED)
+        oom = runner.out_of_memory_message(exc) if runner is not None else None
+        if oom is not None:
+            return _error(oom, EXIT_FAILED)
+        return _error(f"internal error: {one_line(exc)} (rerun with --debug, or {DEBUG_ENV}=1, for the traceback, "
+                      "and please report it)", EXIT_FAILED)
     return result if isinstance(result, int) else EXIT_OK
+
+
+from meliad_core.generation_cli import add_generation_commands  # noqa: E402  (meliad generate, meliad eval)
+
+add_generation_commands(cli)
 
 
 def main() -> None:

@@ -22,15 +22,13 @@ from typing import Any, Iterable
 import yaml
 
 import meliad_core
-from meliad_core import plugins
+from meliad_core import assemble, plugins
 from meliad_core.config import Recipe, RecipeError, validate_recipe
 
 __all__ = [
-    "PLUGIN_KEYS",
     "RecipeError",
     "apply_override",
     "bundled_recipes_dir",
-    "check_plugin_names",
     "deep_merge",
     "find_recipe",
     "list_bundled_recipes",
@@ -41,26 +39,13 @@ __all__ = [
     "resolve_recipe_mapping",
 ]
 
-# (section, key) -> plugin kind whose registry must hold the recipe's value
-PLUGIN_KEYS: dict[tuple[str, str], str] = {
-    ("model", "position_bias"): "position_bias",
-    ("attention", "kernel"): "attention_kernel",
-    ("memory", "store"): "memory_store",
-    ("recurrence", "gate"): "recurrence_gate",
-    ("data", "source"): "data_source",
-    ("data", "vocabulary"): "vocabulary",
-}
-
-_PLURALS = {
-    "position_bias": "position biases",
-    "attention_kernel": "attention kernels",
-    "memory_store": "memory stores",
-    "recurrence_gate": "recurrence gates",
-    "data_source": "data sources",
-    "vocabulary": "vocabularies",
-}
-
 _FILE_KEYS = ("name", "description")  # describe one file; not inherited through include
+WORKDIR_RECIPE = "recipe.yaml"  # the resolved recipe a run writes into its workdir (meliad_core.runner)
+# Bounds on what a recipe file may hold, so that a hostile or broken file stops with one line
+MAX_FILE_BYTES = 1 << 20  # a recipe is a few kilobytes
+MAX_VALUES = 10_000  # values in one file or --set value, YAML aliases expanded (alias "bombs")
+MAX_DEPTH = 16  # nesting of mappings and lists (a recipe needs 4)
+MAX_INCLUDE_DEPTH = 16  # a chain of includes
 _KEY_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
@@ -100,6 +85,12 @@ def find_recipe(name_or_path: str | Path, relative_to: Path | None = None) -> Pa
     for candidate in _candidates(base, text):
         if candidate.is_file():
             return candidate.resolve()
+    folder = base / text
+    if relative_to is None and folder.is_dir():  # `meliad run WORKDIR`: the run's own resolved recipe
+        if (folder / WORKDIR_RECIPE).is_file():
+            return (folder / WORKDIR_RECIPE).resolve()
+        raise RecipeError(f"recipe {text!r}: is a folder, not a recipe file (nor a run's workdir: it holds no "
+                          f"{WORKDIR_RECIPE})")
     dirs = recipe_search_dirs()
     if not Path(text).is_absolute():
         for folder in dirs:
@@ -114,23 +105,106 @@ def find_recipe(name_or_path: str | Path, relative_to: Path | None = None) -> Pa
 # Reading and merging
 
 
-def _read_yaml(path: Path) -> dict:
-    """One recipe file as a mapping; YAML errors become one line with the file and line number."""
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml's safe loader, refusing a key given twice in one mapping (YAML would keep the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` then overrides: allowed
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the safe loader's own error follows
+                    continue
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first at line {first + 1}, again at line "
+                        f"{key_node.start_mark.line + 1})", key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_error(where: str, exc: yaml.YAMLError, lines: bool) -> RecipeError:
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{where}:{mark.line + 1}" if mark is not None and lines else where
+    problem = getattr(exc, "problem", None) or str(exc)
+    context = getattr(exc, "context", None)
+    detail = f"{problem} ({context})" if context else problem
+    return RecipeError(f"{where}: invalid YAML{'' if lines else ' value'}: {' '.join(str(detail).split())}")
+
+
+def parse_yaml(text: str, where: str, lines: bool = True) -> Any:
+    """One YAML document with yaml's safe loader, bounded: duplicate keys, YAML alias "bombs" (more than
+    MAX_VALUES values once aliases are expanded), self-referencing aliases and nesting deeper than
+    MAX_DEPTH are refused with one-line `RecipeError`s that name `where` (a file, or a --set)."""
+    loader = None
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"{path}: cannot read recipe: {exc}") from None
-    try:
-        data = yaml.safe_load(text)
+        loader = _RecipeLoader(text)  # the reader refuses control characters right here
+        data = loader.get_single_data()
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
-        context = getattr(exc, "context", None)
-        detail = f"{problem} ({context})" if context else problem
-        raise RecipeError(f"{where}: invalid YAML: {' '.join(str(detail).split())}") from None
+        raise _yaml_error(where, exc, lines) from None
+    except RecursionError:
+        raise RecipeError(f"{where}: nested too deeply (a recipe may nest at most {MAX_DEPTH} levels)") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise RecipeError(f"{where}: invalid value: {' '.join(str(exc).split())}") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+    _check_structure(data, where)
+    return data
+
+
+def _check_structure(data: Any, where: str) -> None:
+    """Counts the values of `data` as a tree (aliases expanded, each shared node counted once per use)."""
+    sizes: dict[int, tuple[int, int]] = {}  # id -> (values, height) of containers already counted
+    active: set[int] = set()
+
+    def visit(value: Any, depth: int) -> tuple[int, int]:
+        if not isinstance(value, (dict, list)):
+            return 1, 0
+        key = id(value)
+        if key in active:
+            raise RecipeError(f"{where}: a YAML alias refers to a value that contains it (a cycle)")
+        if key not in sizes:
+            if depth >= MAX_DEPTH:
+                raise RecipeError(f"{where}: nested more than {MAX_DEPTH} levels deep")
+            active.add(key)
+            total, height = 1, 0
+            for child in (value.values() if isinstance(value, dict) else value):
+                count, child_height = visit(child, depth + 1)
+                total, height = total + count, max(height, child_height + 1)
+                if total > MAX_VALUES:
+                    raise RecipeError(f"{where}: more than {MAX_VALUES} values once YAML aliases are expanded; "
+                                      "a recipe is a few hundred at most")
+            active.discard(key)
+            sizes[key] = (total, height)
+        total, height = sizes[key]
+        if depth + height > MAX_DEPTH:
+            raise RecipeError(f"{where}: nested more than {MAX_DEPTH} levels deep")
+        return total, height
+
+    visit(data, 0)
+
+
+def _read_yaml(path: Path) -> dict:
+    """One recipe file as a mapping; YAML errors become one line with the file and line number.
+    Empty files (or only comments, or `null`) and files over MAX_FILE_BYTES are refused."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)  # never more, whatever the file claims to be
+        if len(raw) > MAX_FILE_BYTES:
+            raise RecipeError(f"{path}: more than {MAX_FILE_BYTES} bytes, expected a recipe file of at most "
+                              f"{MAX_FILE_BYTES} bytes")
+        text = raw.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{path}: cannot read recipe: {' '.join(str(exc).split())}") from None
+    data = parse_yaml(text, str(path))
     if data is None:
-        return {}
+        raise RecipeError(f"{path}: empty recipe (no sections; only comments or null), expected a mapping of "
+                          "recipe sections")
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: got a {type(data).__name__} document, expected a mapping of recipe sections")
     return data
@@ -162,6 +236,9 @@ def _resolve_file(path: Path, stack: tuple[Path, ...]) -> dict:
     if path in stack:
         chain = " -> ".join(p.name for p in (*stack[stack.index(path):], path))
         raise RecipeError(f"{path}: include cycle: {chain}")
+    if len(stack) >= MAX_INCLUDE_DEPTH:
+        raise RecipeError(f"{path}: includes nested more than {MAX_INCLUDE_DEPTH} files deep "
+                          f"(from {stack[0].name})")
     data = _read_yaml(path)
     merged: dict = {}
     for name in _includes(data, path):
@@ -190,11 +267,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise RecipeError(f"--set {text!r}: expected key=value with a dotted key, e.g. train.steps=200")
     if key.split(".")[0] == "include":
         raise RecipeError(f"--set {text!r}: include cannot be overridden (overrides apply after includes)")
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise RecipeError(f"--set {text!r}: invalid YAML value: {' '.join(str(problem).split())}") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise RecipeError(f"--set {key}=...: a value of {len(raw)} characters, expected at most {MAX_FILE_BYTES}")
+    value = parse_yaml(raw, f"--set {text[:80]!r}", lines=False)
     return key.split("."), value
 
 
@@ -233,35 +308,6 @@ def resolve_recipe_mapping(name_or_path: str | Path, overrides: Iterable[str] = 
     return mapping
 
 
-def check_plugin_names(recipe: Recipe, backend: str | None = None) -> None:
-    """Raises `RecipeError` if the recipe names a strategy that no installed plugin registers.
-
-    With `backend`, also checks that each named plugin serves that Keras backend and is available.
-    """
-    manager = plugins.get_plugin_manager()
-    for (section, key), kind in PLUGIN_KEYS.items():
-        config = getattr(recipe, section)
-        if config is None:
-            continue
-        value = getattr(config, key)
-        if kind == "attention_kernel" and value == "auto":
-            continue
-        registry = manager.registry(kind)
-        dotted = f"{section}.{key}"
-        if value not in registry:
-            known = ", ".join(sorted(registry)) or "none installed"
-            failed = {f.plugin for f in manager.failures}
-            note = f"; {len(failed)} plugin(s) failed to load, see 'meliad plugins'" if failed else ""
-            raise RecipeError(f"{dotted}: got {value!r}, expected one of the installed {_PLURALS[kind]}: "
-                              f"{known}{note}")
-        if backend is not None:
-            entry = registry[value]
-            reason = entry.unavailable_reason(backend)
-            if reason:
-                raise RecipeError(f"{dotted}: got {value!r} (from {entry.distribution}), which is not available "
-                                  f"on the {backend} backend: {reason}")
-
-
 def load_recipe(
     name_or_path: str | Path,
     overrides: Iterable[str] = (),
@@ -272,7 +318,7 @@ def load_recipe(
     """Resolves, validates and plugin-checks a recipe; every problem is a one-line `RecipeError`."""
     recipe = validate_recipe(resolve_recipe_mapping(name_or_path, overrides))
     if check_plugins:
-        check_plugin_names(recipe, backend)
+        assemble.check_recipe(recipe, backend)
     return recipe
 
 

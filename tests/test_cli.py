@@ -7,6 +7,7 @@ Third-party plugins are made "installed" without pip: a folder holding the packa
 from __future__ import annotations
 
 import importlib.metadata
+import io
 import importlib.util
 import json
 import os
@@ -243,9 +244,9 @@ def test_third_party_plugin_in_plugins_recipes_and_recipe_show(example_dir, brok
     env = env_with(example_dir, broken_dir)
     proc = meliad("plugins", env=env)
     assert proc.returncode == 0, proc.stderr
-    assert ["example_memory", "meliad-example-memory", "0.2.0"] in plugin_table(proc.stdout)
+    assert ["example_memory", "meliad-example-memory", "0.3.0"] in plugin_table(proc.stdout)
     row = next(line.split() for line in proc.stdout.splitlines() if "example_recent" in line)
-    assert row == ["memory_store", "example_recent", "meliad-example-memory", "0.2.0", "all", "available"]
+    assert row == ["memory_store", "example_recent", "meliad-example-memory", "0.3.0", "all", "available"]
     failures = proc.stdout.split("Failures:\n", 1)[1].splitlines()
     assert failures[0].split() == ["PLUGIN", "DISTRIBUTION", "STAGE", "ERROR"]
     assert failures[1].split(None, 3) == ["broken_import", "meliad-broken-import", "import",
@@ -290,7 +291,7 @@ def calls(monkeypatch):
 
     monkeypatch.setenv("KERAS_BACKEND", current_backend())
     recorded = []
-    monkeypatch.setattr(runner, "run_training", lambda recipe, workdir, load_dir=None:
+    monkeypatch.setattr(runner, "run_training", lambda recipe, workdir, load_dir=None, **options:
                         recorded.append((recipe, workdir, load_dir)))
     plugins.set_plugin_manager(None)
     yield recorded
@@ -345,3 +346,42 @@ def test_plugins_can_add_commands_but_not_replace_builtins(monkeypatch, capsys):
         assert any(f.plugin == "commands" and "replace the command 'run'" in f.error for f in failures)
     finally:
         plugins.set_plugin_manager(None)
+
+
+# ----------------------------------------------------------------------------------------------
+# `meliad report` never overwrites a report unless asked (issue 10)
+
+
+def test_report_on_a_folder_that_is_not_a_workdir(tmp_path, capsys):
+    status = cli.run_cli(["report", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert status == 2 and len(err.splitlines()) == 1
+    assert "no intact checkpoint found there (no checkpoint at all: it is not a run's workdir)" in err
+
+
+@pytest.mark.skipif(current_backend() != "jax", reason="slow: runs on the jax environment only")
+def test_report_goes_beside_the_runs_own_report_unless_replace(tmp_path, capsys, monkeypatch):
+    from meliad_core.config import validate_recipe
+    from meliad_core.runner import run_training
+
+    monkeypatch.setenv("KERAS_BACKEND", current_backend())
+    recipe = {"name": "reported", "model": {"num_layers": 1, "embed_dim": 16, "num_heads": 2, "head_dim": 8,
+                                            "mlp_dim": 32},
+              "attention": {"window": 16},
+              "data": {"segment_length": 32, "batch_size": 1,
+                       "options": {"num_documents": 2, "num_eval_documents": 2, "document_length": 200}},
+              "train": {"steps": 2, "warmup": 1, "checkpoint_every": 2, "log_every": 2},
+              "eval": {"every": 2, "steps": 1, "report_batches": 2}}
+    workdir = tmp_path / "run"
+    run_training(validate_recipe(recipe), workdir, out=io.StringIO())
+    own = (workdir / "report" / "long_range.json").read_bytes()
+    assert json.loads(own)["batches"] == 2
+
+    capsys.readouterr()
+    assert cli.run_cli(["report", str(workdir), "--batches", "1"]) == 0
+    beside = workdir / "report" / "step_2_batches_1" / "long_range.json"
+    assert json.loads(beside.read_text())["batches"] == 1 and str(beside) in capsys.readouterr().out
+    assert (workdir / "report" / "long_range.json").read_bytes() == own  # the run's own report is kept
+
+    assert cli.run_cli(["report", str(workdir), "--batches", "1", "--replace"]) == 0
+    assert json.loads((workdir / "report" / "long_range.json").read_text())["batches"] == 1

@@ -488,3 +488,11 @@ def test_synthetic_with_sentencepiece_tags_the_recalled_values():
         assert re.fullmatch(r"([A-Z]{2}-\d{4}|[A-Z][a-z]+)+", value), value
     for b in batches:
         assert (b["num_chars"] == [vocab.num_chars(b["tokens"][0, 1:])]).all()
+
+
+def test_synthetic_sizes_are_bounded_before_anything_is_generated():
+    from meliad_data.synthetic import open_synthetic
+
+    for key, value in (("document_length", 10**12), ("num_documents", 10**12), ("num_facts", 10**9)):
+        with pytest.raises(RecipeError, match=rf"data.options.{key}: got {value}, expected at most"):
+            open_synthetic(DataConfig(options={key: value}), "train", 0)

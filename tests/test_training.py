@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import keras
@@ -96,37 +91,93 @@ def test_load_dir_starts_a_new_run_from_weights(tmp_path):
         run_training(validate_recipe(run_recipe(steps=1)), tmp_path / "third", load_dir=tmp_path / "missing")
 
 
-def _cli(recipe_path: Path, workdir: Path) -> list[str]:
-    return [sys.executable, "-m", "meliad_core.cli", "run", str(recipe_path), "--backend", BACKEND,
-            "--workdir", str(workdir)]
+# A kill -9 at any moment (and its exact resume) is tested in test_faults.py, ten times on JAX.
+
+jax_only = pytest.mark.skipif(BACKEND != "jax", reason="slow: runs on the jax environment only")
 
 
-def test_resume_after_kill_equals_no_stop(tmp_path):
-    recipe_path = tmp_path / "recipe.yaml"
-    recipe_path.write_text(yaml.safe_dump(run_recipe(steps=12)))
-    env = {**os.environ, "KERAS_BACKEND": BACKEND, "PYTHONUNBUFFERED": "1"}
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    subprocess.run(_cli(recipe_path, straight), env=env, check=True, capture_output=True, timeout=600)
+def _meliad(capsys, *args: str) -> tuple[int, str, str]:
+    from meliad_core import cli, plugins
 
-    proc = subprocess.Popen(_cli(recipe_path, stopped), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 600
-    while not (stopped / "checkpoints" / "step_4").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    killed_mid_run = proc.poll() is None
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert killed_mid_run, "the run finished before it could be killed; make it longer"
-    assert not (stopped / "checkpoints" / "step_12").exists()
-    subprocess.run(_cli(recipe_path, stopped), env=env, check=True, capture_output=True, timeout=600)
+    plugins.set_plugin_manager(None)
+    capsys.readouterr()
+    status = cli.run_cli(list(args))
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
 
-    _, m1, a1 = ckpt.latest_valid_checkpoint(straight)
-    _, m2, a2 = ckpt.latest_valid_checkpoint(stopped)
-    assert m1["step"] == m2["step"] == 12
-    assert m1["data"] == m2["data"]
-    for key in a1:
-        np.testing.assert_array_equal(a1[key], a2[key], err_msg=key)  # bit-exact on every backend
-    assert _lines(straight / "metrics.jsonl") == _lines(stopped / "metrics.jsonl")
+
+@jax_only
+def test_extending_a_finished_run(tmp_path, capsys, monkeypatch):
+    """README's "train longer (--set train.steps=N)": the same recipe with more steps continues the run;
+    so does `meliad run WORKDIR --extend K`. The learning-rate schedule keeps its original length."""
+    from meliad_core.config import LearningRateConfig
+    from meliad_core.schedules import MeliadSchedule
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KERAS_BACKEND", BACKEND)
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(run_recipe(steps=6)))
+    workdir = tmp_path / "runs" / "tiny_run"  # the default: runs/<recipe name>
+    assert _meliad(capsys, "run", str(recipe), "--backend", BACKEND)[0] == 0
+    first = _lines(workdir / "metrics.jsonl")
+
+    status, out, err = _meliad(capsys, "run", str(recipe), "--backend", BACKEND, "--set", "train.steps=8")
+    assert status == 0, err
+    assert "extending the run" in out and "keeps its length of 6 steps" in out
+    rows = _lines(workdir / "metrics.jsonl")
+    assert rows[:len(first)] == first and [r["step"] for r in rows[len(first):]] == [8, 8]
+    schedule = MeliadSchedule(LearningRateConfig(), warmup=4, total_steps=6)
+    assert rows[-1]["learning_rate"] == pytest.approx(schedule.value_at(8))
+
+    # a workdir written before keys existed (here: model.mlp_activation) resumes; --extend counts from the
+    # run's own train.steps
+    for path in [workdir / "recipe.yaml", *sorted((workdir / "checkpoints").glob("step_*/manifest.json"))]:
+        if path.suffix == ".json":
+            manifest = json.loads(path.read_text())
+            del manifest["recipe"]["model"]["mlp_activation"]
+            path.write_text(json.dumps(manifest))
+        else:
+            saved = yaml.safe_load(path.read_text())
+            del saved["model"]["mlp_activation"]
+            path.write_text(yaml.safe_dump(saved))
+    status, out, err = _meliad(capsys, "run", str(workdir), "--backend", BACKEND, "--extend", "2")
+    assert status == 0, err
+    assert [r["step"] for r in _lines(workdir / "metrics.jsonl")][-2:] == [10, 10]
+    assert yaml.safe_load((workdir / "recipe.yaml").read_text())["train"]["steps"] == 10
+    _, manifest, _ = ckpt.latest_valid_checkpoint(workdir)
+    assert manifest["step"] == 10 and manifest["schedule_steps"] == 6
+    assert not (workdir / ".lock").exists()
+
+    # fewer steps than done: nothing to do, nothing written
+    before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    status, out, err = _meliad(capsys, "run", str(workdir), "--backend", BACKEND, "--set", "train.steps=7")
+    assert status == 0 and "nothing to do: the run is already at step 10" in out, err
+    assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == before
+    # anything else that changes: one line, exit 2
+    status, _, err = _meliad(capsys, "run", str(workdir), "--backend", BACKEND, "--set", "model.embed_dim=64")
+    assert status == 2 and len(err.splitlines()) == 1 and "model.embed_dim: 32 -> 64" in err
+    status, _, err = _meliad(capsys, "run", str(recipe), "--backend", BACKEND, "--workdir", str(tmp_path / "new"),
+                             "--extend", "2")
+    assert status == 2 and "holds no checkpoint of a run to extend" in err
+
+
+def test_a_recipe_from_before_new_keys_is_the_same_recipe():
+    """Keys that a stored recipe lacks count as their defaults; any other value is a difference."""
+    from meliad_core.runner import _first_difference
+
+    current = validate_recipe({**run_recipe(), "memory": {"layers": [-1], "size": 64, "neighbors": 8},
+                               "attention": {"window": 32}}).to_dict()
+    saved = json.loads(json.dumps(current))
+    del saved["model"]["mlp_activation"], saved["memory"]["query_stride"], saved["attention"]["options"]
+    assert _first_difference(saved, current) is None
+    changed = validate_recipe({**run_recipe(), "memory": {"layers": [-1], "size": 64, "neighbors": 8,
+                                                          "query_stride": 2},
+                               "attention": {"window": 32}}).to_dict()
+    assert _first_difference(saved, changed) == "memory.query_stride: None -> 2"
+    assert _first_difference(saved, {**current, "train": {**current["train"], "steps": 99}}) == \
+        "train.steps: 12 -> 99"
+    assert _first_difference(saved, {**current, "train": {**current["train"], "steps": 99}},
+                             allowed=("train.steps",)) is None
 
 
 def test_checkpoint_written_on_jax_loads_here(tmp_path):

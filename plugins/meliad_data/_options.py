@@ -9,10 +9,12 @@ def _key(name: str) -> str:
     return f"data.options.{name}"
 
 
-def get_int(options: dict, name: str, default: int, minimum: int = 0) -> int:
+def get_int(options: dict, name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
     value = options.get(name, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise RecipeError(f"{_key(name)}: got {value!r}, expected an integer >= {minimum}")
+    if maximum is not None and value > maximum:
+        raise RecipeError(f"{_key(name)}: got {value!r}, expected at most {maximum}")
     return value
 
 

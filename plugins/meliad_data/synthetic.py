@@ -33,6 +33,11 @@ from meliad_core.data import Document
 
 from ._options import get_int
 
+# bounds that stop absurd values before anything is generated (far above any real use)
+MAX_DOCUMENTS = 10_000_000
+MAX_DOCUMENT_LENGTH = 100_000_000  # characters, like a very long book
+MAX_FACTS = 100_000
+
 OPTIONS = ("num_documents", "num_eval_documents", "document_length", "num_facts", "recalls_per_fact",
            "min_recall_distance", "corpus_seed")
 
@@ -178,15 +183,15 @@ class SyntheticLedgers(collections.abc.Sequence):
 def open_synthetic(data_config, split: str, seed: int) -> SyntheticLedgers:
     """Factory for the `synthetic` source; `seed` is unused (the stream shuffles the Sequence)."""
     options = data_config.options or {}
-    count = (get_int(options, "num_documents", 1024, minimum=1) if split == "train"
-             else get_int(options, "num_eval_documents", 128, minimum=1))
+    count = (get_int(options, "num_documents", 1024, minimum=1, maximum=MAX_DOCUMENTS) if split == "train"
+             else get_int(options, "num_eval_documents", 128, minimum=1, maximum=MAX_DOCUMENTS))
     return SyntheticLedgers(
         split,
         count,
-        document_length=get_int(options, "document_length", 6000, minimum=1),
-        num_facts=get_int(options, "num_facts", 6, minimum=1),
-        recalls_per_fact=get_int(options, "recalls_per_fact", 2, minimum=0),
-        min_recall_distance=get_int(options, "min_recall_distance", 512, minimum=1),
+        document_length=get_int(options, "document_length", 6000, minimum=1, maximum=MAX_DOCUMENT_LENGTH),
+        num_facts=get_int(options, "num_facts", 6, minimum=1, maximum=MAX_FACTS),
+        recalls_per_fact=get_int(options, "recalls_per_fact", 2, minimum=0, maximum=MAX_FACTS),
+        min_recall_distance=get_int(options, "min_recall_distance", 512, minimum=1, maximum=MAX_DOCUMENT_LENGTH),
         corpus_seed=get_int(options, "corpus_seed", 0, minimum=0),
     )
 
