@@ -112,6 +112,12 @@ def recurrence_gate(name: str, options: dict | None = None, backend: str | None 
     return _configured(found, options_for("recurrence_gate", name, options, "recurrence.options"))
 
 
+def sampler(name: str, options: dict | None = None):
+    """The generation sampler `name` (an object with `sample(logits, rng)`), configured with `options`."""
+    found = entry("sampler", name)
+    return _configured(found, options_for("sampler", name, options, "sampler"))
+
+
 # ----------------------------------------------------------------------------------------------
 # Recipes
 

@@ -6,7 +6,9 @@ load on first use, so a plugin's `__init__` can register LazyObjects and factori
 Hooks (see `meliad_core.hookspecs` for each one's contract):
 
     meliad_register_attention_kernels(register)   objects with attend(q, k, v, *, bias, mask, scale, dropout_mask)
-    meliad_register_memory_stores(register)       objects with retrieve(key_db, value_db, filled, queries, k, chunk)
+    meliad_register_memory_stores(register)       device stores: retrieve(key_db, value_db, filled, queries, k, chunk);
+                                                  host stores (HostMemoryStore): init, reset, write, retrieve(stream,
+                                                  queries, k), state, load_state, driven by core through host calls
     meliad_register_recurrence_gates(register)    factories make_gate(width, hidden_dim, name) -> keras Layer
     meliad_register_position_biases(register)     factories make_position(*, num_heads, head_dim, window,
                                                   options, name) -> PositionStrategy | None
@@ -14,6 +16,7 @@ Hooks (see `meliad_core.hookspecs` for each one's contract):
     meliad_register_vocabularies(register)        factories load_vocabulary(data_config)
     meliad_recipe_dirs()                          folders of recipes
     meliad_register_commands(cli)                 click commands
+    meliad_register_samplers(register)            objects with sample(logits, rng) -> ids (generation)
 
 `register(name, obj, *, backends=None, available=None, description="", options=None)`; `options`
 declares the plugin's own recipe options (`{"nprobe": Option(int, 8, minimum=1)}`), validated with
@@ -40,6 +43,10 @@ _LAZY = {
     "PositionStrategy": "meliad_core.layers.positions",
     # memory
     "MemoryStore": "meliad_core.layers.knn_memory",
+    "HostMemoryStore": "meliad_core.host_store",  # the host-store lifecycle (no Keras needed)
+    "FifoRing": "meliad_core.host_store",
+    "top_k_rows": "meliad_core.host_store",
+    "is_host_store": "meliad_core.host_store",
     "query_chunk_size": "meliad_core.layers.knn_memory",
     # recurrence
     "RecurrenceGate": "meliad_core.layers.block_recurrence",
@@ -48,6 +55,12 @@ _LAZY = {
     "split_heads": "meliad_core.layers.common",
     "merge_heads": "meliad_core.layers.common",
     "l2_normalize": "meliad_core.layers.common",
+    # generation
+    "Sampler": "meliad_core.sampling",
+    "softmax": "meliad_core.sampling",
+    "top_k_filter": "meliad_core.sampling",
+    "top_p_filter": "meliad_core.sampling",
+    "categorical": "meliad_core.sampling",
     # data
     "Document": "meliad_core.data",
     "Vocabulary": "meliad_core.vocab",

@@ -49,14 +49,41 @@ def meliad_register_attention_kernels(register):
 
 @hookspec
 def meliad_register_memory_stores(register):
-    """Memory stores: objects with `retrieve(key_db, value_db, filled, queries, num_neighbors, query_chunk)`.
+    """Memory stores, of two kinds. The memory itself is FIFO per (stream, batch row, head): each segment
+    first retrieves, for every query, its k nearest keys in the memory as it was, then writes its own
+    keys and values (whole segments); a row starting a document is emptied first.
 
-    key_db, value_db (B, H, M, D); filled (B, M) bool, the slots written so far; queries (B, H, N, D),
-    without gradient. Returns (keys, values), each (B, H, N, num_neighbors, D); missing neighbours
-    are zeros. query_chunk bounds how many queries are scored at once (0: the store chooses, e.g.
-    with `meliad_core.extend.query_chunk_size`). Called once per memory layer per segment, before the
-    segment's keys are written; the memory itself (its FIFO writes and resets) belongs to core's
-    kNN memory layer. A store returning other shapes stops with one line naming it.
+    **Device stores** (`bucketed`, `exact`; any object with only this method): `retrieve(key_db,
+    value_db, filled, queries, num_neighbors, query_chunk)`. The memory lives in the model's
+    non-trainable variables, one per stream, and core's kNN memory layer does the resets and FIFO
+    writes. key_db, value_db (B, H, M, D); filled (B, M) bool, the slots written so far; queries
+    (B, H, N, D), without gradient. Returns (keys, values), each (B, H, N, num_neighbors, D); missing
+    neighbours are zeros. query_chunk bounds how many queries are scored at once (0: the store
+    chooses, e.g. with `meliad_core.extend.query_chunk_size`). Called inside the compiled step: use
+    keras.ops. A store returning other shapes stops with one line naming it.
+
+    **Host stores** (`host = True`; subclass `meliad_core.extend.HostMemoryStore`): the store owns the
+    memory, in host RAM (an ANN index, say), with this lifecycle; arrays are numpy float32:
+
+        new() -> store                                   a fresh instance, one per memory layer
+        init(streams, batch, heads, dim, options, *, size)   once, when the model is built
+        reset(stream, rows)                              empty these rows of this stream only
+        retrieve(stream, queries, k) -> (keys, values)   queries (B, H, N, D) -> (B, H, N, k, D) each,
+                                                         missing neighbours zeros
+        write(stream, keys, values)                      (B, H, n, D): append per row, FIFO, keeping
+                                                         the last `size` entries
+        state() -> {name: ndarray};  load_state(state)   for checkpoints (no pickle): after load_state
+                                                         the store must continue exactly as it would have
+
+    Streams are the model's ("train", "eval", "predict"), each an independent memory. Core calls them
+    from inside the compiled train/eval step through one host call per memory layer per segment
+    (`meliad_core.host_calls`: io_callback on JAX, tf.numpy_function on TensorFlow, a plain call on
+    torch), in the order reset → retrieve → write and in the order of the steps; no gradient flows
+    through them, and a store author writes no backend code. Cost: one device→host copy of the
+    segment's queries, keys and values and one host→device copy of the neighbours per memory layer
+    per step, and the step waits for the host. `FifoRing` and `top_k_rows` in `meliad_core.extend`
+    help with the raw FIFO memory and top-k merging. Declared options arrive through
+    `configure(options)` (and again in `init`).
     """
 
 
@@ -106,6 +133,19 @@ def meliad_recipe_dirs():
     """Extra folders searched for recipes named in `include:` and on the command line.
 
     Returns a list of paths (str or pathlib.Path). Bundled recipes are searched first.
+    """
+
+
+@hookspec
+def meliad_register_samplers(register):
+    """Samplers for generation: objects with `sample(logits, rng) -> ids`.
+
+    logits: a float32 numpy array (B, V) of next-token logits (banned ids, padding included, are
+    −inf); rng: a `numpy.random.Generator` seeded by the caller (`--seed`, `generate(seed=...)`), the
+    only randomness a sampler may use so that a seed reproduces a generation. Returns (B,) int ids.
+    Called once per generated token, on the host, outside compiled code; `meliad generate` and
+    `MeliadLM.generate(sampler=name, sampler_options=...)` resolve samplers by name. Declared
+    `options` (temperature, k, p, ...) are validated and handed over through `configure(options)`.
     """
 
 

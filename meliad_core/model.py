@@ -17,6 +17,7 @@ from keras import ops
 
 from meliad_core import assemble
 from meliad_core.config import Recipe, RecipeError, validate_recipe
+from meliad_core.layers.knn_memory import host_memories
 from meliad_core.layers.stack import DecoderStack
 from meliad_core.units import LOG2E
 
@@ -82,6 +83,9 @@ class MeliadLM(keras.Model):
         self.stack = _with_dtype_policy(recipe.model.dtype, lambda: DecoderStack(
             **assemble.stack_arguments(recipe, self.vocab_size), name="decoder"))
         self._inference_stream = "predict" if "predict" in self.streams else self.streams[-1]
+        self._host_memories = host_memories(self.stack)  # memory layers whose store keeps its memory on the host
+        for layer in self._host_memories:
+            layer.init_host(self.streams, self.batch_size)
         self.state_vars: dict[str, dict[str, keras.Variable]] = {}
         for stream in self.streams:
             self.state_vars[stream] = {
@@ -123,6 +127,27 @@ class MeliadLM(keras.Model):
         for name in [stream] if stream else self.streams:
             for var in self.state_vars[self._check_stream(name)].values():
                 var.assign(ops.zeros(var.shape, var.dtype))
+            for layer in self._host_memories:
+                layer.host_store().reset(name, range(self.batch_size))
+
+    def host_state(self) -> dict[str, np.ndarray]:
+        """The state of every host memory store ('<layer path>/<name>' -> array), for checkpoints.
+
+        Empty unless the model has a host store (`meliad_core.host_store`): a checkpoint must save these
+        arrays beside `model.variables` and hand them back to `load_host_state` when it restores.
+        """
+        from meliad_core.host_calls import host_barrier
+
+        host_barrier()  # host calls dispatched by earlier steps have run
+        return {f"{layer.path}/{key}": np.asarray(value) for layer in self._host_memories
+                for key, value in layer.host_store().state().items()}
+
+    def load_host_state(self, arrays: dict[str, np.ndarray]) -> None:
+        """Restores what `host_state` returned (every host store's state; missing entries: empty memories)."""
+        for layer in self._host_memories:
+            prefix = f"{layer.path}/"
+            layer.host_store().load_state({key[len(prefix):]: value for key, value in arrays.items()
+                                           if key.startswith(prefix)})
 
     def get_stream_state(self, stream: str) -> dict[str, np.ndarray]:
         """A copy of one stream's state (copied: on torch, numpy views share the variable's storage)."""
@@ -151,7 +176,7 @@ class MeliadLM(keras.Model):
                              f"segment_length {self.segment_length}")
         variables = self.state_vars[stream]
         state = {key: var.value for key, var in variables.items()}
-        logits, new_state = self.stack(tokens, state, sos, training=training)
+        logits, new_state = self.stack(tokens, state, sos, training=training, stream=stream)
         for key, var in variables.items():
             var.assign(ops.cast(ops.stop_gradient(new_state[key]), var.dtype))
         return logits
@@ -171,6 +196,13 @@ class MeliadLM(keras.Model):
             yield
         finally:
             self._inference_stream = previous
+
+    def compile(self, *args, jit_compile="auto", **kwargs):
+        """Keras' compile; with a host memory store on TensorFlow, "auto" means no XLA (tf.numpy_function,
+        the host call, cannot run inside XLA; Keras' "auto" would pick XLA on a GPU)."""
+        if jit_compile == "auto" and self._host_memories and keras.backend.backend() == "tensorflow":
+            jit_compile = False
+        return super().compile(*args, jit_compile=jit_compile, **kwargs)
 
     def evaluate(self, *args, **kwargs):
         with self.inference_stream("eval"):

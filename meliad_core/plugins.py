@@ -28,6 +28,7 @@ KINDS = {
     "position_bias": "meliad_register_position_biases",
     "data_source": "meliad_register_data_sources",
     "vocabulary": "meliad_register_vocabularies",
+    "sampler": "meliad_register_samplers",
 }
 
 

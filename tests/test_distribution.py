@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -67,3 +68,32 @@ def test_scale_benchmark_prints_state_shrinking_per_device():
     (one, two) = [[cell.strip() for cell in row] for row in rows]
     assert one[0] == "1" and two[0] == "2"
     assert float(two[2]) * 2 == pytest.approx(float(one[2])) and float(two[3]) == pytest.approx(float(one[3]))
+
+
+@pytest.mark.skipif(not ON_JAX, reason="multi-device training is JAX's (the jax env runs it)")
+def test_run_on_four_devices_resumes_on_two_like_one_device(tmp_path):
+    """meliad run --devices: a checkpoint written on 4 devices resumes on 2 and ends as a 1-device run."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("include: transformer_xl_tiny\ndata: {batch_size: 4}\n"
+                      "train: {steps: 4, checkpoint_every: 2, log_every: 1, warmup: 1}\neval: {every: 100, steps: 1}\n")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "KERAS_BACKEND": "jax"}
+
+    def meliad(*args):
+        proc = subprocess.run([sys.executable, "-m", "meliad_core.cli", "run", str(recipe), "--backend", "jax", *args],
+                              capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    assert "data parallel over 4 devices" in meliad("--workdir", "a", "--devices", "4")
+    shutil.rmtree(tmp_path / "a" / "checkpoints" / "step_4")  # as if stopped after step 2
+    assert "resuming from" in meliad("--workdir", "a", "--devices", "2")
+    meliad("--workdir", "b")
+
+    def rows(name):
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return {(r["step"], r["split"]): r for r in map(json.loads, lines)}
+
+    resumed, single = rows("a"), rows("b")
+    assert sorted(resumed) == sorted(single)
+    for key, row in single.items():
+        assert resumed[key]["bits_per_token"] == pytest.approx(row["bits_per_token"], rel=1e-5), key

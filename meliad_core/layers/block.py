@@ -108,11 +108,13 @@ class TransformerBlock(keras.layers.Layer):
         q = split_heads(ops.matmul(xn, weight), self.num_heads, self.head_dim)
         return l2_normalize(q) if self.normalize_keys else q * (1.0 / np.sqrt(self.head_dim))
 
-    def call(self, x, state: dict, start_of_sequence, training: bool = False, feedback_kv=None):
+    def call(self, x, state: dict, start_of_sequence, training: bool = False, feedback_kv=None,
+             stream: str | None = None):
         """x (B, N, E); state as in `state_spec`; start_of_sequence (B,) bool.
 
         feedback_kv: (keys, values), each (B, S, H, D), of a recurrent state to cross-attend to
-        (block feedback; only for layers built with feedback=True). Returns (y, new_state).
+        (block feedback; only for layers built with feedback=True). stream: the model's stream, which
+        a host memory store needs (a static string). Returns (y, new_state).
         """
         n, h, d = x.shape[1], self.num_heads, self.head_dim
         xn = tiled_dropout(self.pre_attn_norm(x), self.dropout, self.seed_generator, training)
@@ -125,7 +127,7 @@ class TransformerBlock(keras.layers.Layer):
                                                         seed_generator=self.seed_generator, training=training)
         if self.memory is not None:
             y, memory_state = self.memory(q, k, v, y, state, start_of_sequence, scale=self.scale,
-                                          attend_queries=q_used)
+                                          attend_queries=q_used, stream=stream)
             new_state.update(memory_state)
         if self.recurrence is not None:
             q2b = ops.reshape(self._queries(xn, self.w_q2), (-1, kw.shape[1], n // kw.shape[1], h, d))
@@ -148,3 +150,63 @@ class TransformerBlock(keras.layers.Layer):
     def feedback_kv(self, state: dict, start_of_sequence):
         """Keys and values of this (recurrent) layer's state at the start of a window, for block feedback."""
         return self.recurrence.feedback_kv(state, start_of_sequence)
+
+    # -- incremental decoding (meliad_core.decoding) -------------------------------------------------
+
+    def decode_spec(self, batch_size: int, segment_length: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Name -> (shape, dtype) of this layer's decoding state (see `decode_step`)."""
+        spec = dict(self.attention.decode_spec(batch_size))
+        if self.memory is not None:
+            spec.update(self.memory.decode_spec(batch_size, segment_length))
+        if self.recurrence is not None:
+            spec.update(self.recurrence.decode_spec(batch_size))
+        return spec
+
+    def decode_state(self, state: dict, batch_size: int, segment_length: int) -> dict:
+        """The decoding state at a segment boundary from the carried state `call` keeps."""
+        spec = self.decode_spec(batch_size, segment_length)
+        out = {key: ops.zeros(shape, dtype) for key, (shape, dtype) in spec.items()}
+        out.update({key: ops.cast(value, spec[key][1]) for key, value in state.items() if key in spec})
+        out.update(self.attention.decode_state(state, batch_size))
+        return out
+
+    def carried_state(self, decode_state: dict, batch_size: int) -> dict:
+        """The state `call` carries, from the decoding state at a segment boundary."""
+        out = {key: decode_state[key] for key in self.state_spec(batch_size) if key in decode_state}
+        out.update(self.attention.carried_state(decode_state))
+        return out
+
+    def decode_step(self, x, state: dict, position, index, start, feedback_kv=None):
+        """One token x (B, 1, E) at `position` of its segment and `index` of its window (int scalar
+        tensors); start (B,) bool, rows starting a document with it. The recurrent state must have had
+        `recurrence.decode_begin` this step. Returns (y (B, 1, E), new_state), equal to `call`'s row."""
+        h, d = self.num_heads, self.head_dim
+        xn = self.pre_attn_norm(x)
+        q = self._queries(xn, self.w_q)
+        k = split_heads(ops.matmul(xn, self.w_k), h, d)
+        k = l2_normalize(k) if self.normalize_keys else k
+        v = split_heads(ops.matmul(xn, self.w_v), h, d)
+        y, attention_state, (kw, vw, q_used) = self.attention.decode_step(q, k, v, state, index, start,
+                                                                          scale=self.scale)
+        new_state = {**state, **attention_state}
+        if self.memory is not None:
+            y, memory_state = self.memory.decode_step(q, k, v, y, state, position, start, scale=self.scale,
+                                                      attend_queries=q_used)
+            new_state.update(memory_state)
+        if self.recurrence is not None:
+            y_cross, recurrent_state = self.recurrence.decode_step(
+                self._queries(xn, self.w_q2), kw, vw, state, index, self.attention.window, token_scale=self.scale2)
+            new_state.update(recurrent_state)
+            y = ops.concatenate([y, y_cross], axis=2)
+        elif self.feedback:
+            from meliad_core.layers.attention import reference_attend
+
+            fk, fv = feedback_kv
+            q2 = self._queries(xn, self.w_q2)[:, None]
+            y_cross = reference_attend(q2, ops.cast(fk, q2.dtype)[:, None], ops.cast(fv, q2.dtype)[:, None],
+                                       scale=self.scale2)
+            y = ops.concatenate([y, y_cross[:, 0]], axis=2)
+        hidden = x + dense(merge_heads(y), self.w_out, self.b_out)
+        ffn = dense(ACTIVATIONS[self.mlp_activation](dense(self.pre_ffn_norm(hidden), self.w_1, self.b_1)),
+                    self.w_2, self.b_2)
+        return hidden + ffn, new_state

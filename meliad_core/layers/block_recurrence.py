@@ -151,3 +151,45 @@ class BlockRecurrence(keras.layers.Layer):
         c = self.start_state(state["recurrent_state"], start_of_sequence)
         kr, vr, _, _ = self.state_kvq(c)
         return kr, vr
+
+    # -- incremental decoding (meliad_core.decoding) -------------------------------------------------
+
+    def decode_spec(self, batch_size: int, dtype: str = "float32") -> dict[str, tuple[tuple[int, ...], str]]:
+        """The state at the current window's start, and its keys and values (read by every token)."""
+        kv = ((batch_size, self.num_states, self.num_heads, self.head_dim), dtype)
+        return {**self.state_spec(batch_size, dtype), "state_keys": kv, "state_values": kv}
+
+    def decode_begin(self, state: dict, position, start) -> dict:
+        """At a segment's first token: the learned initial state for starting rows, and the state's
+        keys and values (recomputed once per segment; within it they follow the window updates)."""
+        def begin():
+            c = self.start_state(state["recurrent_state"], start)
+            kr, vr, _, _ = self.state_kvq(c)
+            return c, ops.cast(kr, c.dtype), ops.cast(vr, c.dtype)
+
+        c, kr, vr = ops.cond(position == 0, begin,
+                             lambda: (state["recurrent_state"], state["state_keys"], state["state_values"]))
+        return {**state, "recurrent_state": c, "state_keys": kr, "state_values": vr}
+
+    def decode_step(self, q2, keys, values, state: dict, index, window: int, token_scale=None):
+        """One token (after `decode_begin`): q2 (B, 1, H, D) reads the state as it was at the window's
+        start; at the window's last token (index = window − 1) the state steps once with the window's
+        keys and values (B, K, H, D), as `call` does. Returns (y (B, 1, H, D), new_state)."""
+        from meliad_core.layers.attention import reference_attend
+
+        kr, vr = state["state_keys"], state["state_values"]
+        y = reference_attend(q2[:, None], ops.cast(kr, q2.dtype)[:, None], ops.cast(vr, q2.dtype)[:, None],
+                             scale=token_scale)
+
+        def step():
+            c = ops.cast(state["recurrent_state"], keys.dtype)
+            k_s, v_s, q_s, q2_s = self.state_kvq(c)
+            a_self = reference_attend(q_s[:, None], k_s[:, None], v_s[:, None], scale=self.scale)
+            a_cross = reference_attend(q2_s[:, None], keys[:, None], values[:, None], scale=self.scale2)
+            c = self.update(c, merge_heads(ops.concatenate([a_self[:, 0], a_cross[:, 0]], axis=2)))
+            k_n, v_n, _, _ = self.state_kvq(c)
+            dtype = state["recurrent_state"].dtype
+            return ops.cast(c, dtype), ops.cast(k_n, dtype), ops.cast(v_n, dtype)
+
+        c, kr, vr = ops.cond(index == window - 1, step, lambda: (state["recurrent_state"], kr, vr))
+        return y[:, 0], {"recurrent_state": c, "state_keys": kr, "state_values": vr}

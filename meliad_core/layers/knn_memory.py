@@ -7,7 +7,12 @@ the retrieved neighbours are mixed by a learned per-head gate g = σ(b), b initi
 y = (1 − g)·y_local + g·y_memory. The kNN search itself is a `memory_store` plugin; this layer
 owns everything else (size, store, gate, strides, resets, storage dtype).
 
-State: {"memory_keys", "memory_values", "memory_index"}.
+State: {"memory_keys", "memory_values", "memory_index"} for a device store. A host store (see
+`meliad_core.host_store`) keeps the memory itself, outside the compiled step: the layer then carries
+no state in the model's variables and, on each segment, makes one host call
+(`meliad_core.host_calls.host_call`) that resets the rows starting a document, retrieves the
+neighbours of the queries, and writes the segment's keys and values, in that order, in the memory
+of the stream it is told (`call(..., stream=)`).
 """
 
 from __future__ import annotations
@@ -15,9 +20,12 @@ from __future__ import annotations
 from typing import Protocol
 
 import keras
+import numpy as np
 from keras import ops
 
 from meliad_core import assemble
+from meliad_core.plugins import PluginError
+from meliad_core.host_store import is_host_store
 from meliad_core.layers.attention import MASK_VALUE, safe_softmax
 
 
@@ -119,6 +127,50 @@ class KNNMemory(keras.layers.Layer):
         self.reset_on_new_document, self.storage_dtype = reset_on_new_document, storage_dtype
         self.gate_init, self.empty = gate_init, empty
         self.store = assemble.memory_store(store, self.store_options)
+        self.host = is_host_store(self.store)
+        self._host_store, self._host_batch = None, None
+
+    # -- host stores (meliad_core.host_store) --------------------------------------------------------
+
+    def init_host(self, streams, batch_size: int) -> None:
+        """Gives this layer its own host store instance, initialised for `streams` of `batch_size` rows."""
+        if not self.host:
+            return
+        options = assemble.options_for("memory_store", self.store_name, self.store_options, "memory.options")
+        store = self.store.new() if hasattr(self.store, "new") else self.store
+        store.init(tuple(streams), int(batch_size), self.num_heads, self.head_dim, options, size=self.size)
+        self._host_store, self._host_batch = store, int(batch_size)
+
+    def host_store(self, batch_size: int | None = None):
+        """This layer's host store (initialised on first use for the default streams)."""
+        if self._host_store is None:
+            from meliad_core.model import STREAMS
+
+            self.init_host(STREAMS, batch_size or 1)
+        return self._host_store
+
+    def _host_segment(self, q_t, new_k, new_v, start_of_sequence, stream):
+        """One host call: reset rows → retrieve (the memory before this segment) → write. (B, H, N/s, k, D) out."""
+        from meliad_core.host_calls import host_call
+
+        batch = q_t.shape[0] or self._host_batch
+        store = self.host_store(batch)
+        stream = stream or "predict"
+        queries = ops.cast(q_t[:, :, ::self.query_stride], "float32")
+        shape = (batch, self.num_heads, queries.shape[2], self.neighbors, self.head_dim)
+        reset, k = self.reset_on_new_document, self.neighbors
+
+        def segment(sos, queries, keys, values):
+            rows = [int(r) for r in np.flatnonzero(sos)] if reset else []
+            if rows:
+                store.reset(stream, rows)
+            found = store.retrieve(stream, queries, k)
+            store.write(stream, keys, values)
+            return found
+
+        sos = ops.reshape(ops.cast(start_of_sequence, "bool"), (-1,))
+        return host_call(segment, [sos, queries, ops.cast(new_k, "float32"), ops.cast(new_v, "float32")],
+                         [(shape, "float32"), (shape, "float32")], name=f"{self.name}_host_memory")
 
     def build(self, input_shape=None):
         self.gate_bias = self.add_weight(shape=(self.num_heads,), name="external_memory_bias",
@@ -132,22 +184,34 @@ class KNNMemory(keras.layers.Layer):
                 "storage_dtype": self.storage_dtype, "gate_init": self.gate_init, "empty": self.empty}
 
     def state_spec(self, batch_size: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        if self.host:  # the memory lives in the host store
+            return {}
         shape = (batch_size, self.num_heads, self.size, self.head_dim)
         return {"memory_keys": (shape, self.storage_dtype), "memory_values": (shape, self.storage_dtype),
                 "memory_index": ((batch_size,), "int32")}
 
-    def call(self, q, k, v, y_local, state: dict, start_of_sequence, scale=None, attend_queries=None):
+    def call(self, q, k, v, y_local, state: dict, start_of_sequence, scale=None, attend_queries=None,
+             stream: str | None = None):
         """Retrieve with the queries, then write this segment; q, k, v, y_local (B, N, H, D).
 
         attend_queries: the queries that score the retrieved neighbours, if not q (meliad uses the
         local attention's queries there, rotated with rotary positions, while retrieval uses q).
-        Returns (y (B, N, H, D), new_state).
+        stream: the model's stream ("train", "eval", "predict"), a static string; host stores keep
+        one memory per stream. Returns (y (B, N, H, D), new_state).
         """
-        key_db, value_db, index = state["memory_keys"], state["memory_values"], state["memory_index"]
-        if self.reset_on_new_document:
-            key_db, value_db, index = reset_rows(key_db, value_db, index, start_of_sequence)
         q_t = ops.transpose(q, (0, 2, 1, 3))  # (B, H, N, D)
-        r_keys, r_values = self._retrieve(key_db, value_db, index, q_t)
+        if self.host:
+            s = self.update_stride
+            new_k = ops.stop_gradient(ops.transpose(k[:, s - 1::s], (0, 2, 1, 3)))
+            new_v = ops.stop_gradient(ops.transpose(v[:, s - 1::s], (0, 2, 1, 3)))
+            r_keys, r_values = self._check_retrieved(*self._host_segment(q_t, new_k, new_v, start_of_sequence,
+                                                                         stream), q_t)
+            key_db = None
+        else:
+            key_db, value_db, index = state["memory_keys"], state["memory_values"], state["memory_index"]
+            if self.reset_on_new_document:
+                key_db, value_db, index = reset_rows(key_db, value_db, index, start_of_sequence)
+            r_keys, r_values = self._retrieve(key_db, value_db, index, q_t)
         if attend_queries is not None:
             q_t = ops.transpose(attend_queries, (0, 2, 1, 3))
         gate = ops.reshape(ops.sigmoid(self.gate_bias), (1, 1, -1, 1))
@@ -159,6 +223,8 @@ class KNNMemory(keras.layers.Layer):
         else:
             y_memory = external_attention(q_t, r_keys, r_values, scale)
         y_memory = ops.transpose(y_memory, (0, 2, 1, 3))
+        if key_db is None:  # host store: retrieval and write happened in the host call
+            return y_local * (1.0 - gate) + ops.cast(y_memory, y_local.dtype) * gate, {}
         # The writes carry no gradient (nor does retrieval); the gradient reaches the current
         # queries, the scale and the gate through the external attention only.
         s = self.update_stride
@@ -176,11 +242,16 @@ class KNNMemory(keras.layers.Layer):
         filled = filled_slots(index, self.size)
         r_keys, r_values = self.store.retrieve(key_db, value_db, filled, ops.cast(queries, key_db.dtype),
                                                self.neighbors, self.query_chunk)
+        return self._check_retrieved(r_keys, r_values, q_t)
+
+    def _check_retrieved(self, r_keys, r_values, q_t):
+        """Checks the store's shapes, casts to the queries' dtype, spreads strided queries' neighbours."""
+        s, n = self.query_stride, q_t.shape[2]
         expected = (q_t.shape[0], self.num_heads, n // s, self.neighbors, self.head_dim)
         for name, got in (("keys", r_keys), ("values", r_values)):
             if tuple(got.shape)[1:] != expected[1:]:
-                raise ValueError(f"memory store {self.store_name!r} returned {name} of shape {tuple(got.shape)}, "
-                                 f"expected (batch, heads, queries, neighbors, head_dim) = {expected}")
+                raise PluginError(f"memory store {self.store_name!r} returned {name} of shape {tuple(got.shape)}, "
+                                  f"expected (batch, heads, queries, neighbors, head_dim) = {expected}")
         r_keys, r_values = ops.cast(r_keys, q_t.dtype), ops.cast(r_values, q_t.dtype)
         if s > 1:
             def spread(r):  # (B, H, N/s, k, D) -> (B, H, N, k, D), zeros between the strided queries
@@ -189,3 +260,62 @@ class KNNMemory(keras.layers.Layer):
                 return ops.reshape(padded, (-1, self.num_heads, n, self.neighbors, self.head_dim))
             r_keys, r_values = spread(r_keys), spread(r_values)
         return r_keys, r_values
+
+    # -- incremental decoding (meliad_core.decoding) -------------------------------------------------
+
+    def decode_spec(self, batch_size: int, segment_length: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        """The memory itself, plus the keys and values of the segment being decoded (written when complete)."""
+        if self.host:
+            raise NotImplementedError(f"memory store {self.store_name!r} keeps its memory on the host; incremental "
+                                      "decoding supports device stores only (generate with a device store)")
+        pending = ((batch_size, self.num_heads, segment_length, self.head_dim), self.storage_dtype)
+        return {**self.state_spec(batch_size), "pending_keys": pending, "pending_values": pending}
+
+    def decode_step(self, q, k, v, y_local, state: dict, position, start, scale=None, attend_queries=None):
+        """One token at `position` of its segment (int scalar tensor); q, k, v, y_local (B, 1, H, D).
+
+        The token queries the memory as it was at the segment's start; its key and value wait in the
+        pending buffer until the segment's last token, when the whole segment is written as `call` does.
+        """
+        key_db, value_db, index = state["memory_keys"], state["memory_values"], state["memory_index"]
+        pending_k, pending_v = state["pending_keys"], state["pending_values"]
+        n = pending_k.shape[2]
+        if self.reset_on_new_document:
+            key_db, value_db, index = ops.cond(
+                ops.logical_and(position == 0, ops.any(start)),
+                lambda: reset_rows(key_db, value_db, index, start), lambda: (key_db, value_db, index))
+        pending_k = ops.slice_update(pending_k, (0, 0, position, 0), ops.cast(ops.transpose(k, (0, 2, 1, 3)),
+                                                                              pending_k.dtype))
+        pending_v = ops.slice_update(pending_v, (0, 0, position, 0), ops.cast(ops.transpose(v, (0, 2, 1, 3)),
+                                                                              pending_v.dtype))
+        q_t = ops.transpose(q, (0, 2, 1, 3))
+        r_keys, r_values = self.store.retrieve(key_db, value_db, filled_slots(index, self.size),
+                                               ops.cast(ops.stop_gradient(q_t), key_db.dtype), self.neighbors,
+                                               self.query_chunk)
+        retrieves = ops.cast(position % self.query_stride == 0, q_t.dtype)  # meliad's query stride
+        r_keys, r_values = ops.cast(r_keys, q_t.dtype) * retrieves, ops.cast(r_values, q_t.dtype) * retrieves
+        if attend_queries is not None:
+            q_t = ops.transpose(attend_queries, (0, 2, 1, 3))
+        gate = ops.reshape(ops.sigmoid(self.gate_bias), (1, 1, -1, 1))
+        if self.empty == "mask":
+            valid = retrieved_valid(r_keys)
+            y_memory = external_attention(q_t, r_keys, r_values, scale, valid)
+            gate = gate * ops.transpose(ops.cast(ops.any(valid, axis=-1), gate.dtype)[..., None], (0, 2, 1, 3))
+        else:
+            y_memory = external_attention(q_t, r_keys, r_values, scale)
+        s = self.update_stride
+        key_db, value_db, index = ops.cond(
+            position == n - 1,
+            lambda: write_segment(key_db, value_db, index, pending_k[:, :, s - 1::s], pending_v[:, :, s - 1::s]),
+            lambda: (key_db, value_db, index))
+        new_state = {"memory_keys": key_db, "memory_values": value_db, "memory_index": index,
+                     "pending_keys": pending_k, "pending_values": pending_v}
+        y_memory = ops.cast(ops.transpose(y_memory, (0, 2, 1, 3)), y_local.dtype)
+        return y_local * (1.0 - gate) + y_memory * gate, new_state
+
+
+def host_memories(layer) -> list[KNNMemory]:
+    """The kNN memory layers under `layer` whose store keeps its memory on the host, in a fixed order."""
+    found = [sub for sub in layer._flatten_layers(include_self=True, recursive=True)
+             if isinstance(sub, KNNMemory) and sub.host]
+    return sorted(found, key=lambda sub: sub.path)

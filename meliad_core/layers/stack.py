@@ -93,17 +93,18 @@ class DecoderStack(keras.layers.Layer):
             per_layer[index[layer]][name] = value
         return per_layer
 
-    def call(self, tokens, state: dict, start_of_sequence, training: bool = False):
-        """tokens (B, N) int; state as in `state_spec`. Returns (logits (B, N, V), new_state)."""
+    def call(self, tokens, state: dict, start_of_sequence, training: bool = False, stream: str | None = None):
+        """tokens (B, N) int; state as in `state_spec`; stream: the model's stream, for host memory stores.
+        Returns (logits (B, N, V), new_state)."""
         x = ops.take(ops.cast(self.embedding, self.compute_dtype), tokens % self.vocab_size, axis=0)
         if self.absolute_positions:
             x = x + ops.cast(absolute_position_embeddings(x.shape[1], x.shape[2]), x.dtype)[None]
         per_layer = self.split_state(state)
         if self.feedback:
-            x, per_layer = self._feedback_windows(x, per_layer, start_of_sequence, training)
+            x, per_layer = self._feedback_windows(x, per_layer, start_of_sequence, training, stream)
         else:
             for i, block in enumerate(self.blocks):
-                x, per_layer[i] = block(x, per_layer[i], start_of_sequence, training=training)
+                x, per_layer[i] = block(x, per_layer[i], start_of_sequence, training=training, stream=stream)
         if self.final_norm is not None:
             x = self.final_norm(x)
         y = tiled_dropout(x, self.final_dropout, self.seed_generator, training)
@@ -114,7 +115,7 @@ class DecoderStack(keras.layers.Layer):
                      for key, value in layer_state.items()}
         return logits / self.divisor, new_state
 
-    def _feedback_windows(self, x, per_layer, start_of_sequence, training):
+    def _feedback_windows(self, x, per_layer, start_of_sequence, training, stream=None):
         """Runs the whole stack on one window at a time (meliad's dstack windows + feedback_recurrence)."""
         w = self.window
         rec = self.blocks[self.recurrent_index]
@@ -125,10 +126,68 @@ class DecoderStack(keras.layers.Layer):
             fkv = rec.feedback_kv(per_layer[self.recurrent_index], sos)
             for i, block in enumerate(self.blocks):
                 extra = {} if i == self.recurrent_index else {"feedback_kv": fkv}
-                h, per_layer[i] = block(h, per_layer[i], sos, training=training, **extra)
+                h, per_layer[i] = block(h, per_layer[i], sos, training=training, stream=stream, **extra)
             outputs.append(h)
             sos = ops.zeros_like(start_of_sequence)
         return ops.concatenate(outputs, axis=1), per_layer
+
+    # -- incremental decoding (meliad_core.decoding) -----------------------------------------------
+
+    def _block_length(self, segment_length: int) -> int:
+        """The segment length each block sees: the window with block feedback (the stack runs per window)."""
+        return self.window if self.feedback else segment_length
+
+
+    def decode_spec(self, batch_size: int, segment_length: int) -> dict:
+        """Flat 'transformer{i}/name' -> (shape, dtype) of the decoding state."""
+        n = self._block_length(segment_length)
+        return {f"{block.name}/{key}": spec for block in self.blocks
+                for key, spec in block.decode_spec(batch_size, n).items()}
+
+
+    def decode_state(self, state: dict, batch_size: int, segment_length: int) -> dict:
+        """The decoding state at a segment boundary from the flat carried state (`state_spec`)."""
+        n = self._block_length(segment_length)
+        return {f"{block.name}/{key}": value for block, layer in zip(self.blocks, self.split_state(state))
+                for key, value in block.decode_state(layer, batch_size, n).items()}
+
+
+    def carried_state(self, decode_state: dict, batch_size: int) -> dict:
+        """The flat carried state (`state_spec`) from the decoding state at a segment boundary."""
+        return {f"{block.name}/{key}": value for block, layer in zip(self.blocks, self.split_state(decode_state))
+                for key, value in block.carried_state(layer, batch_size).items()}
+
+
+    def decode_step(self, tokens, state: dict, position, start_of_sequence, segment_length: int):
+        """One token per row: tokens (B, 1) int at `position` (int scalar tensor) of a segment of
+        `segment_length`; start_of_sequence (B,) bool acts only at position 0. Returns (logits (B, 1, V),
+        new_state), equal to the row `call` computes for that position when fed the same text as segments."""
+        x = ops.take(ops.cast(self.embedding, self.compute_dtype), tokens % self.vocab_size, axis=0)
+        if self.absolute_positions:
+            table = ops.cast(absolute_position_embeddings(segment_length, x.shape[2]), x.dtype)
+            x = x + ops.reshape(ops.take(table, position, axis=0), (1, 1, -1))
+        start = ops.logical_and(ops.reshape(ops.cast(start_of_sequence, "bool"), (-1,)), position == 0)
+        per_layer = self.split_state(state)
+        index = position % self.window
+        block_position = index if self.feedback else position
+        for i, block in enumerate(self.blocks):
+            if block.recurrence is not None:
+                per_layer[i] = block.recurrence.decode_begin(per_layer[i], position, start)
+        feedback_kv = None
+        if self.feedback:
+            rec = per_layer[self.recurrent_index]
+            feedback_kv = (rec["state_keys"], rec["state_values"])
+        for i, block in enumerate(self.blocks):
+            extra = {"feedback_kv": feedback_kv} if self.feedback and i != self.recurrent_index else {}
+            x, per_layer[i] = block.decode_step(x, per_layer[i], block_position, index, start, **extra)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        if self.final_mlp is not None:
+            x = self.final_mlp(x)
+        logits = ops.matmul(ops.cast(x, "float32"), ops.transpose(ops.cast(self.embedding, "float32")))
+        new_state = {f"{block.name}/{key}": value for block, layer_state in zip(self.blocks, per_layer)
+                     for key, value in layer_state.items()}
+        return logits / self.divisor, new_state
 
 
 @keras.saving.register_keras_serializable(package="meliad")

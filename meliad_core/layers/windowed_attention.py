@@ -100,3 +100,69 @@ class WindowedAttention(keras.layers.Layer):
             return None
         keep = 1.0 - rate
         return ops.cast(keras.random.uniform(shape, seed=seed_generator) < keep, self.compute_dtype) / keep
+
+    # -- incremental decoding (meliad_core.decoding), one token at a time --------------------------
+
+    def decode_spec(self, batch_size: int, dtype: str = "float32") -> dict[str, tuple[tuple[int, ...], str]]:
+        """The key/value window buffer (B, K, H, D): [previous window | current window] with the XL
+        cache (K = 2W), the current window (the segment) without it (K = W)."""
+        shape = (batch_size, self.geometry()[0], self.num_heads, self.head_dim)
+        return {"window_keys": (shape, dtype), "window_values": (shape, dtype)}
+
+    def decode_state(self, state: dict, batch_size: int) -> dict:
+        """The window buffer at a segment boundary from the carried cache (it becomes the last window)."""
+        (shape, dtype), w = self.decode_spec(batch_size)["window_keys"], self.window
+        if not self.xl_cache:
+            return {"window_keys": ops.zeros(shape, dtype), "window_values": ops.zeros(shape, dtype)}
+        pad = ops.zeros((batch_size, w, self.num_heads, self.head_dim), dtype)
+        return {"window_keys": ops.concatenate([pad, ops.cast(state["keys"], dtype)], axis=1),
+                "window_values": ops.concatenate([pad, ops.cast(state["values"], dtype)], axis=1)}
+
+    def carried_state(self, decode_state: dict) -> dict:
+        """The cache `call` would carry, from the buffer at a segment boundary (the inverse of decode_state)."""
+        if not self.xl_cache:
+            return {}
+        return {"keys": decode_state["window_keys"][:, self.window:],
+                "values": decode_state["window_values"][:, self.window:]}
+
+    def decode_step(self, q, k, v, state: dict, index, start, scale=None):
+        """One token: q, k, v (B, 1, H, D); index its position in the window (int scalar tensor);
+        start (B,) bool, rows starting a document with this token (index 0 only).
+
+        At index 0 the buffer's current window becomes the previous one (zeros for starting rows),
+        then the token's key and value go into slot offset + index, and the query attends to the
+        buffer through row `index` of the segment path's mask and bias: the W keys before it.
+        Returns (y (B, 1, H, D), new_state, (keys, values (B, K, H, D), q_used (B, 1, H, D))).
+        """
+        from meliad_core.layers.attention import reference_attend  # the semantics every kernel equals
+
+        w, h, d = self.window, self.num_heads, self.head_dim
+        num_keys, offset = self.geometry()
+        kb, vb = state["window_keys"], state["window_values"]
+        if self.xl_cache:
+            sos = ops.reshape(start, (-1, 1, 1, 1))
+
+            def shift():
+                last_k, last_v = kb[:, w:], vb[:, w:]
+                return (ops.concatenate([ops.where(sos, ops.zeros_like(last_k), last_k), last_k], 1),
+                        ops.concatenate([ops.where(sos, ops.zeros_like(last_v), last_v), last_v], 1))
+
+            kb, vb = ops.cond(index == 0, shift, lambda: (kb, vb))
+        at = (0, offset + index, 0, 0)
+        kb = ops.slice_update(kb, at, ops.cast(k, kb.dtype))
+        vb = ops.slice_update(vb, at, ops.cast(v, vb.dtype))
+        kw, vw = ops.cast(kb, k.dtype), ops.cast(vb, v.dtype)
+        qa, ka, bias = q[:, None], kw[:, None], None
+        if self.position is not None:
+            # Biases depend on j − (i + offset) only: row i of the (W, K) table is a K-slice of the row of
+            # one query that sees K + W − 1 keys, so a token costs O(K), not O(W·K).
+            row = self.position.compute_bias(1, num_keys + w - 1, offset + w - 1)
+            bias = None if row is None else ops.slice(row, (0, 0, w - 1 - index), (h, 1, num_keys))
+            qa, ka = self.position.transform(ops.repeat(qa, w, axis=2), ka, offset)
+            qa = ops.expand_dims(ops.take(qa, index, axis=2), 2)
+        mask = None
+        if self.use_causal_mask:
+            mask = ops.reshape(ops.take(ops.convert_to_tensor(window_mask(w, num_keys, w, offset)), index, axis=0),
+                               (1, num_keys))
+        y = reference_attend(qa, ka, vw[:, None], bias=bias, mask=mask, scale=scale)
+        return ops.reshape(y, (-1, 1, h, d)), {"window_keys": kb, "window_values": vb}, (kw, vw, qa[:, 0])
