@@ -133,10 +133,9 @@ def use_backend(backend: str) -> None:
     mismatch = _keras_backend_mismatch(backend)
     if mismatch:
         raise BadInput(f"--backend {backend}: Keras was already imported with the {mismatch} backend")
-    from meliad_core.threads import configure_threads  # before the framework starts its thread pools
+    from meliad_core.threads import configure_threads
 
-    for note in configure_threads(backend=backend).notes:
-        click.echo(f"meliad: warning: {note}", err=True)
+    configure_threads(backend=backend)  # before the framework starts its thread pools (what it can't set, it skips)
 
 
 def _debug_option() -> Any:

@@ -553,8 +553,7 @@ def run_training(recipe: Recipe, workdir: Path, load_dir: Path | None = None, ou
     from meliad_core.threads import configure_threads
 
     out = out or sys.stdout
-    for note in configure_threads().notes:
-        _warn(note)
+    configure_threads()  # for Python callers; the CLI has already done it before the framework started
     workdir = check_workdir_path(workdir)
     if extend < 0:
         raise RunError(f"--extend: got {extend}, expected a positive number of steps")
