@@ -323,6 +323,25 @@ MOVED_KEYS = {
 }
 
 
+# the defaults the moved keys had, which a recipe stored before the move may hold
+MOVED_DEFAULTS = {("model", "position_buckets"): 32, ("model", "position_max_distance"): 128}
+
+
+def migrate_stored_recipe(mapping: dict) -> dict:
+    """A recipe stored by an earlier version (a run's manifest) in today's keys: moved keys move (and
+    vanish where they held their old default, which is the plugin's default now)."""
+    mapping = {key: dict(value) if isinstance(value, dict) else value for key, value in mapping.items()}
+    for (section, key), new in MOVED_KEYS.items():
+        values = mapping.get(section)
+        if not isinstance(values, dict) or key not in values:
+            continue
+        value = values.pop(key)
+        if value != MOVED_DEFAULTS[(section, key)]:
+            _, holder, option = new.split(".")
+            values[holder] = {**(values.get(holder) or {}), option: value}
+    return mapping
+
+
 def _check_moved_keys(mapping: dict) -> None:
     for (section, key), new in MOVED_KEYS.items():
         if isinstance(mapping.get(section), dict) and key in mapping[section]:

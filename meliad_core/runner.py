@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from meliad_core.config import Recipe, RecipeError, validate_recipe
+from meliad_core.config import Recipe, RecipeError, migrate_stored_recipe, validate_recipe
 from meliad_core.units import LOG2E, one_line
 
 try:  # the workdir lock is the kernel's; without fcntl (Windows) only the pid in the file is checked
@@ -611,7 +611,7 @@ def _run(recipe: Recipe, workdir: Path, data: PreparedData, load_dir, out, exten
     step, schedule_steps, accumulator = 0, recipe.train.steps, None
     if resumed is not None:
         path, manifest, arrays = resumed
-        saved, step = manifest["recipe"], int(manifest["step"])
+        saved, step = migrate_stored_recipe(manifest["recipe"]), int(manifest["step"])
         progress["kept"] = path.name
         if extend:
             steps = int(saved.get("train", {}).get("steps", 0)) + extend

@@ -180,6 +180,21 @@ def test_a_recipe_from_before_new_keys_is_the_same_recipe():
                              allowed=("train.steps",)) is None
 
 
+def test_a_v01_recipe_with_moved_position_keys_resumes():
+    """v0.1 stored model.position_buckets/max_distance; they now live in the t5 plugin's options."""
+    from meliad_core.config import migrate_stored_recipe
+    from meliad_core.runner import _first_difference
+
+    current = validate_recipe(run_recipe()).to_dict()
+    old = json.loads(json.dumps(current))
+    old["model"].update(position_buckets=32, position_max_distance=128)
+    assert "position_buckets" in old["model"]  # the stored recipe itself is left alone
+    assert _first_difference(migrate_stored_recipe(old), current) is None
+    old["model"]["position_buckets"] = 16
+    assert _first_difference(migrate_stored_recipe(old), current) == \
+        "model.position_options.num_buckets: 16 -> None"
+
+
 def test_checkpoint_written_on_jax_loads_here(tmp_path):
     """A checkpoint moves between backends: the JAX fixture gives the same logits and keeps training."""
     from meliad_core.model import build_model
