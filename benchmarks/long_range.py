@@ -56,7 +56,6 @@ MODELS = ("xl", "memorizing", "recurrent")
 BUNDLED = {"xl": "transformer_xl_tiny", "memorizing": "memorizing_tiny", "recurrent": "block_recurrent_tiny"}
 TASKS = ("ledgers", "books")
 COMPARISON_JSON, COMPARISON_PNG = "long_range_comparison.json", "long_range.png"
-PLOT_HINT = "pip install 'meliad[plot]'"
 FORMAT = "meliad.long_range_comparison/1"
 
 
@@ -247,29 +246,15 @@ def mean_curves(runs: list[dict]) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# The plot (matplotlib optional, as in meliad_core/report.py)
-
-
-class PlotUnavailable(RuntimeError):
-    """matplotlib cannot be imported; the message is the one line printed instead of a plot."""
-
-
-def _matplotlib():
-    try:
-        import matplotlib  # noqa: F401
-        from matplotlib.ticker import ScalarFormatter
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as exc:
-        reason = ("matplotlib is not installed" if exc.name == "matplotlib"
-                  else f"matplotlib could not be imported ({exc})")
-        raise PlotUnavailable(f"plot skipped: {reason}; for {COMPARISON_PNG}: {PLOT_HINT}") from None
-    return Figure, FigureCanvasAgg, ScalarFormatter
+# The plot (matplotlib optional, as in meliad_core/report.py, whose loader it uses)
 
 
 def write_plot(comparison: dict, path: str) -> str:
+    from meliad_core.report import load_matplotlib
+
     """bits/token by position bucket, one curve per model (mean over seeds ± one sd); returns `path`."""
-    Figure, FigureCanvasAgg, ScalarFormatter = _matplotlib()
+    _, Figure, FigureCanvasAgg = load_matplotlib(COMPARISON_PNG)
+    from matplotlib.ticker import ScalarFormatter
     figure = Figure(figsize=(9.0, 5.0), dpi=120)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot(1, 1, 1)
@@ -300,6 +285,8 @@ def write_plot(comparison: dict, path: str) -> str:
 
 def plot_or_note(comparison: dict, path: str) -> str:
     """Writes the plot; returns the line to print (where it went, or why it was skipped)."""
+    from meliad_core.report import PlotUnavailable
+
     try:
         return f"plot: {write_plot(comparison, path)}"
     except PlotUnavailable as exc:

@@ -296,8 +296,9 @@ class PlotUnavailable(RuntimeError):
     """matplotlib cannot be imported; the message is the one line the report prints instead of a plot."""
 
 
-def _matplotlib():
-    """The `matplotlib` module, the Figure class and the Agg canvas; raises PlotUnavailable when missing.
+def load_matplotlib(png_name: str = PNG_NAME):
+    """The `matplotlib` module, the Figure class and the Agg canvas; raises PlotUnavailable when missing
+    (its message names `png_name`, the picture that is skipped).
 
     Only the object-oriented API is used: pyplot (the user's interactive backend and its global list
     of figures) is never touched, and the Agg canvas needs no display.
@@ -310,7 +311,7 @@ def _matplotlib():
     except ImportError as exc:
         reason = ("matplotlib is not installed" if exc.name == "matplotlib"
                   else f"matplotlib could not be imported ({one_line(exc)})")
-        raise PlotUnavailable(f"plot skipped: {reason}; for {PNG_NAME}: {PLOT_HINT}") from None
+        raise PlotUnavailable(f"plot skipped: {reason}; for {png_name}: {PLOT_HINT}") from None
     return matplotlib, Figure, FigureCanvasAgg
 
 
@@ -335,7 +336,7 @@ def plot_figure(result: dict):
     The x axis is logarithmic (base 2) for log-spaced buckets, linear for `bucket_width` ones.
     Raises PlotUnavailable when matplotlib cannot be imported.
     """
-    matplotlib, Figure, FigureCanvasAgg = _matplotlib()
+    matplotlib, Figure, FigureCanvasAgg = load_matplotlib()
     from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
 
     buckets, N = result["buckets"], int(result["segment_length"])
@@ -398,7 +399,7 @@ def write_plot(result: dict, path) -> dict:
     """Writes the PNG of `plot_figure(result)` to `path` (atomically); returns {"path", "width", "height"}.
     Raises PlotUnavailable when matplotlib cannot be imported (nothing is written then)."""
     fig = plot_figure(result)
-    matplotlib = _matplotlib()[0]
+    matplotlib = load_matplotlib()[0]
     buffer = io.BytesIO()
     with matplotlib.style.context("default"):
         fig.canvas.print_png(buffer)  # the figure's own size and dpi (no savefig.* rc settings)
