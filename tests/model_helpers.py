@@ -84,3 +84,14 @@ def input_gradient(fn, x: np.ndarray) -> np.ndarray:
         tape.watch(t)
         total = tf.reduce_sum(fn(t))
     return tape.gradient(total, t).numpy()
+
+
+def metrics_rows(path) -> list[dict]:
+    """A run's metrics.jsonl rows without the timing column (which differs between runs)."""
+    import json
+    from pathlib import Path
+
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    for row in rows:
+        row.pop("tokens_per_second")
+    return rows

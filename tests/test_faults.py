@@ -31,6 +31,7 @@ import yaml
 from meliad_core import checkpoint as ckpt
 from meliad_core import cli, plugins, runner
 from meliad_core.config import validate_recipe
+from model_helpers import metrics_rows
 
 BACKEND = keras.backend.backend()
 jax_only = pytest.mark.skipif(BACKEND != "jax", reason="slow: runs on the jax environment only")
@@ -49,14 +50,6 @@ def fault_recipe(steps: int = 6, **train) -> dict:
                   **train},
         "eval": {"every": 4, "steps": 1},
     }
-
-
-def rows(path: Path) -> list[dict]:
-    """metrics.jsonl without the timing column."""
-    found = [json.loads(line) for line in path.read_text().splitlines()]
-    for row in found:
-        row.pop("tokens_per_second")
-    return found
 
 
 def same_manifest(a: dict, b: dict) -> bool:
@@ -82,7 +75,7 @@ def assert_same_run(straight: Path, other: Path) -> None:
         assert a1.keys() == a2.keys()
         for key in a1:
             np.testing.assert_array_equal(a1[key], a2[key], err_msg=f"{name} {key}")
-    assert rows(straight / "metrics.jsonl") == rows(other / "metrics.jsonl")
+    assert metrics_rows(straight / "metrics.jsonl") == metrics_rows(other / "metrics.jsonl")
     assert not [p for p in (other / "checkpoints").iterdir() if p.name.startswith(".")]
 
 
@@ -498,7 +491,7 @@ def test_disk_full_during_a_run_is_one_line_and_the_next_run_resumes(trained, tm
     assert len(str(raised.value).splitlines()) == 1 and raised.value.exit_code == 1
     monkeypatch.setattr(ckpt.np, "savez", real_savez)
     assert [p.name for p in (workdir / "checkpoints").iterdir()] == ["step_3"]  # no temporary folder left
-    assert [r["step"] for r in rows(workdir / "metrics.jsonl")][-1] == 6  # rows after the checkpoint: dropped later
+    assert [r["step"] for r in metrics_rows(workdir / "metrics.jsonl")][-1] == 6  # rows after the checkpoint: dropped later
 
     # the next run resumes from step 3 and finishes exactly as the uninterrupted run did: its row of
     # step 4 averages steps 3 and 4, the running sums since the row of step 2 being in the checkpoint

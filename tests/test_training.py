@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -13,6 +12,7 @@ import yaml
 from meliad_core import checkpoint as ckpt
 from meliad_core.config import validate_recipe
 from meliad_core.runner import RUN_STREAMS, RunError, run_training
+from model_helpers import metrics_rows
 
 BACKEND = keras.backend.backend()
 REQUIRED_KEYS = {"step", "split", "nats_per_token", "bits_per_token", "bits_per_char", "accuracy", "learning_rate",
@@ -30,13 +30,6 @@ def run_recipe(steps: int = 12, **train) -> dict:
         "train": {"steps": steps, "warmup": 4, "checkpoint_every": 4, "log_every": 2, **train},
         "eval": {"every": 4, "steps": 2},
     }
-
-
-def _lines(path: Path) -> list[dict]:
-    records = [json.loads(line) for line in path.read_text().splitlines()]
-    for record in records:
-        record.pop("tokens_per_second")
-    return records
 
 
 def test_run_writes_metrics_and_checkpoints(tmp_path, capsys):
@@ -81,12 +74,12 @@ def test_load_dir_starts_a_new_run_from_weights(tmp_path):
     run_training(validate_recipe(run_recipe(steps=4)), first)
     _, manifest, arrays = ckpt.latest_valid_checkpoint(first)
     run_training(validate_recipe(run_recipe(steps=1, checkpoint_every=1)), second, load_dir=first)
-    records = _lines(second / "metrics.jsonl")
+    records = metrics_rows(second / "metrics.jsonl")
     assert records[0]["step"] == 1
     fresh = tmp_path / "fresh"
     run_training(validate_recipe(run_recipe(steps=1, checkpoint_every=1)), fresh)
     # starting from trained weights, the first step's loss differs from a fresh start's
-    assert records[0]["nats_per_token"] != _lines(fresh / "metrics.jsonl")[0]["nats_per_token"]
+    assert records[0]["nats_per_token"] != metrics_rows(fresh / "metrics.jsonl")[0]["nats_per_token"]
     with pytest.raises(RunError, match="no intact checkpoint"):
         run_training(validate_recipe(run_recipe(steps=1)), tmp_path / "third", load_dir=tmp_path / "missing")
 
@@ -119,12 +112,12 @@ def test_extending_a_finished_run(tmp_path, capsys, monkeypatch):
     recipe.write_text(yaml.safe_dump(run_recipe(steps=6)))
     workdir = tmp_path / "runs" / "tiny_run"  # the default: runs/<recipe name>
     assert _meliad(capsys, "run", str(recipe), "--backend", BACKEND)[0] == 0
-    first = _lines(workdir / "metrics.jsonl")
+    first = metrics_rows(workdir / "metrics.jsonl")
 
     status, out, err = _meliad(capsys, "run", str(recipe), "--backend", BACKEND, "--set", "train.steps=8")
     assert status == 0, err
     assert "extending the run" in out and "keeps its length of 6 steps" in out
-    rows = _lines(workdir / "metrics.jsonl")
+    rows = metrics_rows(workdir / "metrics.jsonl")
     assert rows[:len(first)] == first and [r["step"] for r in rows[len(first):]] == [8, 8]
     schedule = MeliadSchedule(LearningRateConfig(), warmup=4, total_steps=6)
     assert rows[-1]["learning_rate"] == pytest.approx(schedule.value_at(8))
@@ -142,7 +135,7 @@ def test_extending_a_finished_run(tmp_path, capsys, monkeypatch):
             path.write_text(yaml.safe_dump(saved))
     status, out, err = _meliad(capsys, "run", str(workdir), "--backend", BACKEND, "--extend", "2")
     assert status == 0, err
-    assert [r["step"] for r in _lines(workdir / "metrics.jsonl")][-2:] == [10, 10]
+    assert [r["step"] for r in metrics_rows(workdir / "metrics.jsonl")][-2:] == [10, 10]
     assert yaml.safe_load((workdir / "recipe.yaml").read_text())["train"]["steps"] == 10
     _, manifest, _ = ckpt.latest_valid_checkpoint(workdir)
     assert manifest["step"] == 10 and manifest["schedule_steps"] == 6
