@@ -34,8 +34,6 @@ def recipe_for(arch: str, batch: int, memory: int, devices: int):
 
 
 def measure(arch: str, batch: int, memory: int, devices: int, steps: int) -> dict:
-    import keras
-
     from meliad_core.data import keras_batches, stream
     from meliad_core.distribution import make_distribution
     from meliad_core.model import build_model

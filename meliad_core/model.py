@@ -16,7 +16,7 @@ import numpy as np
 from keras import ops
 
 from meliad_core import assemble
-from meliad_core.config import Recipe, RecipeError, validate_recipe
+from meliad_core.config import Recipe, validate_recipe
 from meliad_core.layers.knn_memory import host_memories
 from meliad_core.layers.stack import DecoderStack
 from meliad_core.units import LOG2E

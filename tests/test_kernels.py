@@ -126,7 +126,6 @@ def test_jax_dpa_forward_and_gradients_equal_reference(case):
 def test_jax_dpa_with_dropout_mask_runs_the_reference_and_auto_skips_it_on_cpu():
     import jax
 
-    from meliad_core import assemble
     from meliad_jax.attention import JaxDotProductAttention
 
     q, k, v, bias, scale = _inputs(np.random.default_rng(6))

@@ -237,7 +237,7 @@ class KNNMemory(keras.layers.Layer):
     def _retrieve(self, key_db, value_db, index, q_t):
         """Neighbours (B, H, N, k, D) for every query; with query_stride s only queries 0, s, 2s, ...
         retrieve and the others get zeros (meliad's BatchedMemory)."""
-        s, n = self.query_stride, q_t.shape[2]
+        s = self.query_stride
         queries = ops.stop_gradient(q_t[:, :, ::s])
         filled = filled_slots(index, self.size)
         r_keys, r_values = self.store.retrieve(key_db, value_db, filled, ops.cast(queries, key_db.dtype),
