@@ -35,13 +35,7 @@ def test_kernel_list_is_what_this_backend_should_have():
 def test_kernel_equals_reference(kernel_name, case):
     kernel = MANAGER.get("attention_kernel", kernel_name).obj
     rng = np.random.default_rng(0)
-    q, k, v, bias, scale = _inputs(rng)
-    kwargs = {"window": dict(bias=bias, mask=window_mask(4, 8, 4), scale=scale),
-              "no_cache_with_empty_row": dict(bias=bias[:, :, :4], mask=window_mask(4, 4, 4, offset=0), scale=scale),
-              "no_mask_no_bias": dict(scale=scale),
-              "no_scale": dict(bias=bias, mask=window_mask(4, 8, 4))}[case]
-    if case == "no_cache_with_empty_row":
-        k, v = k[:, :, :4], v[:, :, :4]
+    q, k, v, kwargs = _case(case, *_inputs(rng))
     expected = to_numpy(reference_attend(q, k, v, **kwargs))
     got = to_numpy(kernel.attend(q, k, v, **kwargs))
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)

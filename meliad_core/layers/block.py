@@ -118,11 +118,7 @@ class TransformerBlock(keras.layers.Layer):
         """
         n, h, d = x.shape[1], self.num_heads, self.head_dim
         xn = tiled_dropout(self.pre_attn_norm(x), self.dropout, self.seed_generator, training)
-        q = self._queries(xn, self.w_q)
-        k = split_heads(ops.matmul(xn, self.w_k), h, d)
-        k = l2_normalize(k) if self.normalize_keys else k
-        v = split_heads(ops.matmul(xn, self.w_v), h, d)
-
+        q, k, v = self._qkv(xn)
         y, new_state, (kw, vw, q_used) = self.attention(q, k, v, state, start_of_sequence, scale=self.scale,
                                                         seed_generator=self.seed_generator, training=training)
         if self.memory is not None:
@@ -142,10 +138,21 @@ class TransformerBlock(keras.layers.Layer):
             y_cross = self.attention.kernel.attend(q2, fk[:, None], fv[:, None], scale=self.scale2)
             y = ops.concatenate([y, ops.reshape(y_cross, (-1, n, h, d))], axis=2)
 
+        return self._output(x, y, training), new_state
+
+    def _qkv(self, xn):
+        """Queries (normalised, or carrying 1/√D), keys (normalised) and values, each (B, T, H, D)."""
+        h, d = self.num_heads, self.head_dim
+        k = split_heads(ops.matmul(xn, self.w_k), h, d)
+        return (self._queries(xn, self.w_q), l2_normalize(k) if self.normalize_keys else k,
+                split_heads(ops.matmul(xn, self.w_v), h, d))
+
+    def _output(self, x, y, training: bool = False):
+        """x + concat_heads(y)·Wo, then the FFN residual (dropout only when training)."""
         hidden = x + dense(merge_heads(y), self.w_out, self.b_out)
         ffn = dense(ACTIVATIONS[self.mlp_activation](dense(self.pre_ffn_norm(hidden), self.w_1, self.b_1)),
                     self.w_2, self.b_2)
-        return hidden + tiled_dropout(ffn, self.dropout, self.seed_generator, training), new_state
+        return hidden + tiled_dropout(ffn, self.dropout, self.seed_generator, training)
 
     def feedback_kv(self, state: dict, start_of_sequence):
         """Keys and values of this (recurrent) layer's state at the start of a window, for block feedback."""
@@ -180,12 +187,8 @@ class TransformerBlock(keras.layers.Layer):
         """One token x (B, 1, E) at `position` of its segment and `index` of its window (int scalar
         tensors); start (B,) bool, rows starting a document with it. The recurrent state must have had
         `recurrence.decode_begin` this step. Returns (y (B, 1, E), new_state), equal to `call`'s row."""
-        h, d = self.num_heads, self.head_dim
         xn = self.pre_attn_norm(x)
-        q = self._queries(xn, self.w_q)
-        k = split_heads(ops.matmul(xn, self.w_k), h, d)
-        k = l2_normalize(k) if self.normalize_keys else k
-        v = split_heads(ops.matmul(xn, self.w_v), h, d)
+        q, k, v = self._qkv(xn)
         y, attention_state, (kw, vw, q_used) = self.attention.decode_step(q, k, v, state, index, start,
                                                                           scale=self.scale)
         new_state = {**state, **attention_state}
@@ -199,14 +202,9 @@ class TransformerBlock(keras.layers.Layer):
             new_state.update(recurrent_state)
             y = ops.concatenate([y, y_cross], axis=2)
         elif self.feedback:
-            from meliad_core.layers.attention import reference_attend
-
             fk, fv = feedback_kv
             q2 = self._queries(xn, self.w_q2)[:, None]
-            y_cross = reference_attend(q2, ops.cast(fk, q2.dtype)[:, None], ops.cast(fv, q2.dtype)[:, None],
-                                       scale=self.scale2)
+            y_cross = self.attention.kernel.attend(q2, ops.cast(fk, q2.dtype)[:, None],
+                                                   ops.cast(fv, q2.dtype)[:, None], scale=self.scale2)
             y = ops.concatenate([y, y_cross[:, 0]], axis=2)
-        hidden = x + dense(merge_heads(y), self.w_out, self.b_out)
-        ffn = dense(ACTIVATIONS[self.mlp_activation](dense(self.pre_ffn_norm(hidden), self.w_1, self.b_1)),
-                    self.w_2, self.b_2)
-        return hidden + ffn, new_state
+        return self._output(x, y), new_state

@@ -200,18 +200,22 @@ class KNNMemory(keras.layers.Layer):
         one memory per stream. Returns (y (B, N, H, D), new_state).
         """
         q_t = ops.transpose(q, (0, 2, 1, 3))  # (B, H, N, D)
-        if self.host:
-            s = self.update_stride
-            new_k = ops.stop_gradient(ops.transpose(k[:, s - 1::s], (0, 2, 1, 3)))
-            new_v = ops.stop_gradient(ops.transpose(v[:, s - 1::s], (0, 2, 1, 3)))
+        # The writes carry no gradient (nor does retrieval); the gradient reaches the current
+        # queries, the scale and the gate through the external attention only.
+        s = self.update_stride
+        new_k = ops.stop_gradient(ops.transpose(k[:, s - 1::s], (0, 2, 1, 3)))
+        new_v = ops.stop_gradient(ops.transpose(v[:, s - 1::s], (0, 2, 1, 3)))
+        if self.host:  # reset, retrieval and write all happen in one host call; nothing in the model's state
             r_keys, r_values = self._check_retrieved(*self._host_segment(q_t, new_k, new_v, start_of_sequence,
                                                                          stream), q_t)
-            key_db = None
+            new_state = {}
         else:
             key_db, value_db, index = state["memory_keys"], state["memory_values"], state["memory_index"]
             if self.reset_on_new_document:
                 key_db, value_db, index = reset_rows(key_db, value_db, index, start_of_sequence)
             r_keys, r_values = self._retrieve(key_db, value_db, index, q_t)
+            key_db, value_db, index = write_segment(key_db, value_db, index, new_k, new_v)
+            new_state = {"memory_keys": key_db, "memory_values": value_db, "memory_index": index}
         if attend_queries is not None:
             q_t = ops.transpose(attend_queries, (0, 2, 1, 3))
         gate = ops.reshape(ops.sigmoid(self.gate_bias), (1, 1, -1, 1))
@@ -223,15 +227,6 @@ class KNNMemory(keras.layers.Layer):
         else:
             y_memory = external_attention(q_t, r_keys, r_values, scale)
         y_memory = ops.transpose(y_memory, (0, 2, 1, 3))
-        if key_db is None:  # host store: retrieval and write happened in the host call
-            return y_local * (1.0 - gate) + ops.cast(y_memory, y_local.dtype) * gate, {}
-        # The writes carry no gradient (nor does retrieval); the gradient reaches the current
-        # queries, the scale and the gate through the external attention only.
-        s = self.update_stride
-        new_k = ops.stop_gradient(ops.transpose(k[:, s - 1::s], (0, 2, 1, 3)))
-        new_v = ops.stop_gradient(ops.transpose(v[:, s - 1::s], (0, 2, 1, 3)))
-        key_db, value_db, index = write_segment(key_db, value_db, index, new_k, new_v)
-        new_state = {"memory_keys": key_db, "memory_values": value_db, "memory_index": index}
         return y_local * (1.0 - gate) + ops.cast(y_memory, y_local.dtype) * gate, new_state
 
     def _retrieve(self, key_db, value_db, index, q_t):

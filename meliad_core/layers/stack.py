@@ -105,15 +105,22 @@ class DecoderStack(keras.layers.Layer):
         else:
             for i, block in enumerate(self.blocks):
                 x, per_layer[i] = block(x, per_layer[i], start_of_sequence, training=training, stream=stream)
+        return self._logits(x, training), self._merge_state(per_layer)
+
+    def _logits(self, x, training: bool = False):
+        """Final norm, final dropout, final MLP, then the tied embedding divided by the logit scale."""
         if self.final_norm is not None:
             x = self.final_norm(x)
         y = tiled_dropout(x, self.final_dropout, self.seed_generator, training)
         if self.final_mlp is not None:
             y = self.final_mlp(y)
         logits = ops.matmul(ops.cast(y, "float32"), ops.transpose(ops.cast(self.embedding, "float32")))
-        new_state = {f"{block.name}/{key}": value for block, layer_state in zip(self.blocks, per_layer)
-                     for key, value in layer_state.items()}
-        return logits / self.divisor, new_state
+        return logits / self.divisor
+
+    def _merge_state(self, per_layer: list[dict]) -> dict:
+        """One {name: value} dict per layer -> the flat 'transformer{i}/name' state."""
+        return {f"{block.name}/{key}": value for block, layer_state in zip(self.blocks, per_layer)
+                for key, value in layer_state.items()}
 
     def _feedback_windows(self, x, per_layer, start_of_sequence, training, stream=None):
         """Runs the whole stack on one window at a time (meliad's dstack windows + feedback_recurrence)."""
@@ -180,14 +187,7 @@ class DecoderStack(keras.layers.Layer):
         for i, block in enumerate(self.blocks):
             extra = {"feedback_kv": feedback_kv} if self.feedback and i != self.recurrent_index else {}
             x, per_layer[i] = block.decode_step(x, per_layer[i], block_position, index, start, **extra)
-        if self.final_norm is not None:
-            x = self.final_norm(x)
-        if self.final_mlp is not None:
-            x = self.final_mlp(x)
-        logits = ops.matmul(ops.cast(x, "float32"), ops.transpose(ops.cast(self.embedding, "float32")))
-        new_state = {f"{block.name}/{key}": value for block, layer_state in zip(self.blocks, per_layer)
-                     for key, value in layer_state.items()}
-        return logits / self.divisor, new_state
+        return self._logits(x), self._merge_state(per_layer)
 
 
 @keras.saving.register_keras_serializable(package="meliad")
