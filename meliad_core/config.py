@@ -162,6 +162,7 @@ class TrainConfig:
     log_every: int = 10
     loss_reduction: str = field(default="sum", metadata=_choice(*LOSS_REDUCTIONS))
     seed: int = 42
+    compile: bool | None = None  # compile the train/eval step (torch.compile on torch); null: the backend's default
 
 
 @dataclass(frozen=True)

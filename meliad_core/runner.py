@@ -60,6 +60,7 @@ RUN_STREAMS = ("train", "eval")  # the streams a run's model (and so its checkpo
 RECIPE_NAME, METRICS_NAME, LOCK_NAME = "recipe.yaml", "metrics.jsonl", ".lock"
 # keys that may differ from the recipe a workdir's run was started with: they do not change what is computed
 CAN_CHANGE = ("name", "description", "train.steps", "train.keep_checkpoints", "eval.report_batches",
+              "train.compile",  # compiling changes speed, not what is computed
               "distribution", "distribution.kind", "distribution.devices")  # a run may resume on other devices
 
 
