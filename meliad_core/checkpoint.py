@@ -43,7 +43,25 @@ HOST_PREFIX = "host/"  # arrays of host-side memory stores (model.host_state())
 def _to_numpy(variable) -> np.ndarray:
     import keras
 
-    return np.array(keras.ops.convert_to_numpy(variable.value), copy=True)
+    value = variable.value
+    if keras.backend.backend() == "jax" and keras.distribution.distribution() is not None:
+        from meliad_core.distribution import host_value
+
+        return host_value(value)  # gathered when sharded over several hosts
+    return np.array(keras.ops.convert_to_numpy(value), copy=True)
+
+
+def checkpoint_arrays(model, optimizer) -> dict[str, np.ndarray]:
+    """Every variable of the model and the optimizer (and the host stores' state) as numpy arrays.
+
+    In a multi-host run every process calls this at the same point (values sharded over hosts are
+    gathered, a collective), and process 0 passes the result to `save_checkpoint`.
+    """
+    arrays = {f"model_{i:05d}": _to_numpy(v) for i, v in enumerate(model.variables)}
+    arrays.update({f"optimizer_{i:05d}": _to_numpy(v) for i, v in enumerate(optimizer.variables)})
+    host = model.host_state() if hasattr(model, "host_state") else {}  # host memory stores (their own state)
+    arrays.update({f"{HOST_PREFIX}{key}": value for key, value in host.items()})
+    return arrays
 
 
 def _sha256(path: Path) -> str:
@@ -72,8 +90,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(workdir: Path, step: int, model, optimizer, extra: dict[str, Any], keep: int = 3) -> Path:
+def save_checkpoint(workdir: Path, step: int, model, optimizer, extra: dict[str, Any], keep: int = 3,
+                    arrays: dict[str, np.ndarray] | None = None) -> Path:
     """Writes the checkpoint for `step` atomically and keeps only the newest `keep`.
+
+    `arrays`: `checkpoint_arrays(model, optimizer)` when already taken (a multi-host run's process 0).
 
     Everything is written into `.tmp_step_<N>_<pid>/` and renamed into place; if anything fails (a
     full disk, a read-only folder) the temporary folder is removed and the error raised, and no older
@@ -90,10 +111,8 @@ def save_checkpoint(workdir: Path, step: int, model, optimizer, extra: dict[str,
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        arrays = {f"model_{i:05d}": _to_numpy(v) for i, v in enumerate(model.variables)}
-        arrays.update({f"optimizer_{i:05d}": _to_numpy(v) for i, v in enumerate(optimizer.variables)})
-        host = model.host_state() if hasattr(model, "host_state") else {}  # host memory stores (their own state)
-        arrays.update({f"{HOST_PREFIX}{key}": value for key, value in host.items()})
+        if arrays is None:
+            arrays = checkpoint_arrays(model, optimizer)
         with open(tmp / "arrays.npz", "wb") as f:
             np.savez(f, **arrays)
             f.flush()

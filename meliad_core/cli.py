@@ -166,10 +166,20 @@ def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
 @click.option("--devices", default=None, metavar="N|all",
               help="Data-parallel training over N (or all) JAX devices, each taking whole batch rows and their "
                    "state (the recipe's distribution section; jax backend only).")
+@click.option("--coordinator", default=None, metavar="HOST:PORT",
+              help="Multi-host: process 0's address (jax.distributed); with --num-processes and --process-id.")
+@click.option("--num-processes", type=click.IntRange(min=1), default=None, metavar="P",
+              help="Multi-host: how many processes (one per host) take part.")
+@click.option("--process-id", type=click.IntRange(min=0), default=None, metavar="I",
+              help="Multi-host: this process's number, 0 to P-1 (0 logs and writes checkpoints).")
+@click.option("--multihost", is_flag=True,
+              help="Multi-host, the cluster found by JAX (Cloud TPU pod slices, SLURM, Open MPI) or given by "
+                   "KERAS_DISTRIBUTION_JOB_ADDRESSES, _NUM_PROCESSES and _PROCESS_ID.")
 @_set_option()
 @_debug_option()
 def run(recipe: str, backend: str, workdir: str | None, load_dir: Path | None, extend: int | None, restart: bool,
-        devices: str | None, overrides: tuple[str, ...]) -> None:
+        devices: str | None, coordinator: str | None, num_processes: int | None, process_id: int | None,
+        multihost: bool, overrides: tuple[str, ...]) -> None:
     """Train and evaluate RECIPE (a file, a bundled recipe name, or a run's workdir to continue).
 
     A workdir that holds a checkpoint is resumed; with a larger train.steps (or --extend) its run
@@ -177,14 +187,22 @@ def run(recipe: str, backend: str, workdir: str | None, load_dir: Path | None, e
     """
     if workdir is not None and not workdir.strip():
         raise BadInput("--workdir: got '', expected a folder for the run's files")
+    hosts = _multihost(coordinator, num_processes, process_id, multihost, backend)
     use_backend(backend)
     from meliad_core import recipes, runner
 
     if devices is not None:
         if devices != "all" and not (devices.isdigit() and int(devices) > 0):
             raise BadInput(f"--devices: got {devices!r}, expected a positive number of devices or 'all'")
-        overrides = (*overrides, "distribution={}" if devices == "all" else f"distribution.devices={int(devices)}")
+        # the recipe's (or --set's) other distribution keys stay: --devices sets only the count
+        overrides = (*overrides, f"distribution.devices={'null' if devices == 'all' else int(devices)}")
     loaded = recipes.load_recipe(recipe, overrides, backend=backend)
+    if hosts is not None:
+        from meliad_core.distribution import start_processes
+
+        if loaded.distribution is None:  # several hosts: data parallel over all their devices unless the recipe says
+            loaded = recipes.load_recipe(recipe, (*overrides, "distribution.devices=null"), backend=backend)
+        start_processes(*hosts)
     if workdir is None:
         is_workdir = Path(recipe).is_dir() and (Path(recipe) / runner.RECIPE_NAME).is_file()
         workdir = recipe if is_workdir else str(Path("runs") / (loaded.name or Path(recipe).stem))
@@ -192,6 +210,33 @@ def run(recipe: str, backend: str, workdir: str | None, load_dir: Path | None, e
     if restart:
         options["restart"] = True
     runner.run_training(loaded, workdir=Path(workdir), load_dir=load_dir, **options)
+
+
+def _multihost(coordinator: str | None, num_processes: int | None, process_id: int | None, multihost: bool,
+               backend: str) -> tuple | None:
+    """(coordinator, num_processes, process_id) for `start_processes` (all None: found by JAX), or None
+    for a single-host run; BadInput for an incomplete or inconsistent set of options."""
+    given = {"--coordinator": coordinator, "--num-processes": num_processes, "--process-id": process_id}
+    if not multihost and all(v is None for v in given.values()):
+        return None
+    if backend != "jax":
+        raise BadInput(f"--backend {backend}: multi-host training needs the jax backend (torch and tensorflow "
+                       "train on one device)")
+    if multihost:
+        if any(v is not None for v in given.values()):
+            raise BadInput("--multihost: expected either --multihost (the cluster found by JAX) or --coordinator, "
+                           "--num-processes and --process-id, not both")
+        return None, None, None
+    missing = [name for name, value in given.items() if value is None]
+    if missing:
+        raise BadInput(f"{', '.join(missing)}: missing; a multi-host run needs --coordinator, --num-processes and "
+                       "--process-id together (or --multihost)")
+    if ":" not in coordinator or not coordinator.rsplit(":", 1)[1].isdigit():
+        raise BadInput(f"--coordinator: got {coordinator!r}, expected HOST:PORT (process 0's address)")
+    if process_id >= num_processes:
+        raise BadInput(f"--process-id: got {process_id}, expected 0 to {num_processes - 1} (--num-processes "
+                       f"{num_processes})")
+    return coordinator, num_processes, process_id
 
 
 @contextlib.contextmanager

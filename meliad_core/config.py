@@ -48,6 +48,7 @@ class ModelConfig:
     position_bias: str = "t5"
     absolute_positions: bool = False  # sinusoids added to the embeddings (meliad's use_absolute_positions)
     normalize_keys: bool = True
+    attention_scale_init: float = 1.0  # initial learned attention scale with normalised keys (meliad: 1)
     logit_scale: str = field(default="sqrt_vocab", metadata=_choice(*LOGIT_SCALES))
     dtype: str = field(default="float32", metadata=_choice(*DTYPES))
     position_options: dict = field(default_factory=dict)  # options the position plugin declares
@@ -176,8 +177,11 @@ class EvalConfig:
 class DistributionConfig:
     """Training on several devices (JAX): batch rows, and every stream's state with them, split across devices."""
 
-    kind: str = field(default="data_parallel", metadata=_choice("data_parallel"))
-    devices: int | None = None  # None: every device JAX sees
+    kind: str = field(default="data_parallel", metadata=_choice("data_parallel", "model_parallel"))
+    devices: int | None = None  # None: every device JAX sees (on every host)
+    # model_parallel: devices per model replica (the mesh's 'model' axis); the big weights (embedding,
+    # q/k/v/out projections, FFN) are split over it, the batch rows (and the state) over the rest
+    model_axis: int | None = None
 
 
 @dataclass(frozen=True)
@@ -501,6 +505,7 @@ def validate_recipe(mapping: dict) -> Recipe:
         rate = getattr(m, key)
         _check(0.0 <= rate < 1.0, f"model.{key}: got {rate!r}, expected a rate in [0, 1)")
     _positive(m.embedding_stddev, "model.embedding_stddev")
+    _positive(m.attention_scale_init, "model.attention_scale_init")
     if m.final_dropout is not None:
         _check(0.0 <= m.final_dropout < 1.0, f"model.final_dropout: got {m.final_dropout!r}, expected a rate in [0, 1)")
     for i, token_id in enumerate(m.loss_mask_ids):
@@ -580,7 +585,27 @@ def _check_distribution(recipe: Recipe) -> None:
     if dist is None:
         return
     _positive(dist.devices, "distribution.devices")
+    _positive(dist.model_axis, "distribution.model_axis")
+    if dist.kind != "model_parallel":
+        _check(dist.model_axis is None, f"distribution.model_axis: got {dist.model_axis}, which needs "
+               f"distribution.kind: model_parallel (the kind is {dist.kind})")
+        if dist.devices is not None:
+            _check(recipe.data.batch_size % dist.devices == 0,
+                   f"distribution.devices: got {dist.devices}, expected a divisor of data.batch_size "
+                   f"({recipe.data.batch_size}): each device takes whole batch rows")
+        return
+    axis = dist.model_axis
+    _check(axis is not None and axis >= 2, f"distribution.model_axis: got {axis}, expected the number of devices "
+           "each weight is split over (2 or more) with distribution.kind: model_parallel")
+    m = recipe.model
+    for key, size in (("model.embed_dim", m.embed_dim), ("model.num_heads * model.head_dim", m.num_heads * m.head_dim),
+                      ("model.mlp_dim", m.mlp_dim)):
+        _check(size % axis == 0, f"distribution.model_axis: got {axis}, expected a divisor of {key} ({size}): "
+               "each device takes an equal slice of the weights")
     if dist.devices is not None:
-        _check(recipe.data.batch_size % dist.devices == 0,
-               f"distribution.devices: got {dist.devices}, expected a divisor of data.batch_size "
-               f"({recipe.data.batch_size}): each device takes whole batch rows")
+        _check(dist.devices % axis == 0, f"distribution.devices: got {dist.devices}, expected a multiple of "
+               f"distribution.model_axis ({axis})")
+        replicas = dist.devices // axis
+        _check(recipe.data.batch_size % replicas == 0,
+               f"distribution.devices: {dist.devices} devices make {replicas} model replicas of {axis}, expected "
+               f"a divisor of data.batch_size ({recipe.data.batch_size}): each replica takes whole batch rows")

@@ -61,7 +61,8 @@ RECIPE_NAME, METRICS_NAME, LOCK_NAME = "recipe.yaml", "metrics.jsonl", ".lock"
 # keys that may differ from the recipe a workdir's run was started with: they do not change what is computed
 CAN_CHANGE = ("name", "description", "train.steps", "train.keep_checkpoints", "eval.report_batches",
               "train.compile",  # compiling changes speed, not what is computed
-              "distribution", "distribution.kind", "distribution.devices")  # a run may resume on other devices
+              "distribution", "distribution.kind", "distribution.devices",  # a run may resume on other devices
+              "distribution.model_axis")
 
 
 class RunError(RuntimeError):
@@ -561,10 +562,16 @@ def run_training(recipe: Recipe, workdir: Path, load_dir: Path | None = None, ou
     progress = {"where": "", "kept": None}
     try:
         data = prepare_data(recipe)
+        from meliad_core.distribution import is_chief, make_distribution
+
+        distribution = make_distribution(recipe.distribution, recipe.data.batch_size)
+        if not is_chief(distribution):  # a multi-host run: process 0 alone writes to the (shared) workdir
+            with open(os.devnull, "w") as quiet:
+                return _run(recipe, workdir, data, load_dir, quiet, extend, restart, progress, distribution)
         created = not workdir.exists()
         try:
             with WorkdirLock(workdir):
-                return _run(recipe, workdir, data, load_dir, out, extend, restart, progress)
+                return _run(recipe, workdir, data, load_dir, out, extend, restart, progress, distribution)
         finally:
             if created and workdir.is_dir() and not any(workdir.iterdir()):
                 workdir.rmdir()  # a run that stopped before writing anything leaves nothing behind
@@ -591,20 +598,26 @@ def _fault(message: str, progress: dict) -> str:
 
 
 def _run(recipe: Recipe, workdir: Path, data: PreparedData, load_dir, out, extend: int, restart: bool,
-         progress: dict) -> dict:
+         progress: dict, distribution=None) -> dict:
+    """The run in one process. In a multi-host run every process runs this (the steps and the
+    checkpoint's gathering are collectives); only process 0 (the chief) writes to the workdir, and the
+    others read the same checkpoints from it (a shared file system)."""
     from meliad_core import checkpoint as ckpt
-    from meliad_core.distribution import device_count, make_distribution
+    from meliad_core.distribution import check_agreement, describe, is_chief
     from meliad_core.model import build_model
     from meliad_core.optimizers import make_optimizer
 
-    removed = ckpt.remove_temporaries(workdir)
-    if removed:
-        _notice(f"removed {removed} unfinished checkpoint folder(s) left in {workdir / ckpt.CHECKPOINT_DIR}")
-    _check_files(workdir)
-    if restart:
-        _set_aside(workdir)
+    chief = is_chief(distribution)
+    if chief:
+        removed = ckpt.remove_temporaries(workdir)
+        if removed:
+            _notice(f"removed {removed} unfinished checkpoint folder(s) left in {workdir / ckpt.CHECKPOINT_DIR}")
         _check_files(workdir)
-    resumed = ckpt.latest_valid_checkpoint(workdir, warn=_warn, check=_check_manifest)
+        if restart:
+            _set_aside(workdir)
+            _check_files(workdir)
+    resumed = None if restart and not chief else \
+        ckpt.latest_valid_checkpoint(workdir, warn=_warn if chief else lambda _: None, check=_check_manifest)
     damaged = ckpt.list_checkpoints(workdir) if resumed is None else []
     if damaged:
         raise RunFault(f"{workdir}: none of its {len(damaged)} checkpoint(s) is intact (see the warnings), so "
@@ -634,19 +647,20 @@ def _run(recipe: Recipe, workdir: Path, data: PreparedData, load_dir, out, exten
     else:
         if extend:
             raise RunError(f"--extend: {workdir} holds no checkpoint of a run to extend")
-        _check_fresh(workdir, recipe)
+        if chief:
+            _check_fresh(workdir, recipe)
     train_cfg = recipe.train
+    check_agreement(distribution, [step, schedule_steps, train_cfg.steps], "the step to start from, the schedule's "
+                    "length and train.steps")
 
     progress["where"] = " while building the model"
-    distribution = make_distribution(recipe.distribution, recipe.data.batch_size)
     with _placed(distribution):  # variables placed (the state sharded by row) as they are created
         model = build_model(recipe, vocab_size=data.vocab_size, streams=RUN_STREAMS)  # no predict stream
         optimizer = make_optimizer(train_cfg, schedule_steps)
         model.compile(optimizer=optimizer)
         optimizer.build(model.trainable_variables)
     if distribution is not None:
-        print(f"data parallel over {device_count(distribution)} devices: every stream's state split by batch row",
-              file=out, flush=True)
+        print(describe(distribution), file=out, flush=True)
     if resumed is not None:
         try:
             ckpt.restore(model, optimizer, manifest, arrays)
@@ -666,24 +680,49 @@ def _run(recipe: Recipe, workdir: Path, data: PreparedData, load_dir, out, exten
             raise RunError(str(exc)) from None
         print(f"starting from the weights of {loaded[0]}", file=out, flush=True)
 
-    text = yaml.safe_dump(recipe.to_dict(), sort_keys=False).encode("utf-8")
-    recipe_path = workdir / RECIPE_NAME
-    if not recipe_path.is_file() or recipe_path.read_bytes() != text:
-        _atomic_write(recipe_path, text)
-    log = MetricsLog(workdir / METRICS_NAME, start_step=step)
+    if chief:
+        text = yaml.safe_dump(recipe.to_dict(), sort_keys=False).encode("utf-8")
+        recipe_path = workdir / RECIPE_NAME
+        if not recipe_path.is_file() or recipe_path.read_bytes() != text:
+            _atomic_write(recipe_path, text)
+    log = MetricsLog(workdir / METRICS_NAME, start_step=step) if chief else _NoLog()
     try:
         with _placed(distribution):
             return _loop(recipe, workdir, model, optimizer, data, log, step, schedule_steps, accumulator, out,
-                         progress)
+                         progress, distribution)
     finally:
         log.close()
 
 
-def _loop(recipe, workdir, model, optimizer, data, log, step, schedule_steps, accumulator, out, progress) -> dict:
+class _NoLog:
+    """The metrics log of a process other than the chief's in a multi-host run: it writes nothing."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def sync(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _loop(recipe, workdir, model, optimizer, data, log, step, schedule_steps, accumulator, out, progress,
+          distribution=None) -> dict:
     import keras
 
     from meliad_core import checkpoint as ckpt
     from meliad_core.data import keras_inputs
+    from meliad_core.distribution import is_chief, local_rows
+
+    chief = is_chief(distribution)
+    rows = local_rows(distribution, recipe.data.batch_size)  # every process reads the whole batch, feeds its rows
+
+    def inputs(batch: dict) -> dict:
+        return {key: value[rows] for key, value in keras_inputs(batch).items()}
 
     train_cfg = recipe.train
     schedule = optimizer.learning_rate if hasattr(optimizer.learning_rate, "value_at") else None
@@ -693,8 +732,11 @@ def _loop(recipe, workdir, model, optimizer, data, log, step, schedule_steps, ac
 
     def save(at: int) -> None:
         log.sync()  # the rows up to this step are on disk before the checkpoint says "resume after them"
+        arrays = ckpt.checkpoint_arrays(model, optimizer)  # every process: the sharded values are gathered
+        if not chief:
+            return
         try:
-            ckpt.save_checkpoint(workdir, at, model, optimizer, keep=train_cfg.keep_checkpoints, extra={
+            ckpt.save_checkpoint(workdir, at, model, optimizer, arrays=arrays, keep=train_cfg.keep_checkpoints, extra={
                 "recipe": recipe.to_dict(), "backend": keras.backend.backend(),
                 "data": {"train": data.train.get_state(), "eval": data.eval.get_state()},
                 "schedule_steps": schedule_steps, "accumulator": acc.state()})
@@ -710,7 +752,7 @@ def _loop(recipe, workdir, model, optimizer, data, log, step, schedule_steps, ac
         for _ in range(recipe.eval.steps):
             batch = read_batch(data.eval, recipe)
             start = time.perf_counter()
-            logs = model.test_on_batch(keras_inputs(batch), return_dict=True)
+            logs = model.test_on_batch(inputs(batch), return_dict=True)
             ev.add(logs, batch, time.perf_counter() - start)
         record = {"step": at, "split": "eval", **ev.summary(), "learning_rate": learning_rate(at)}
         write(record)
@@ -737,7 +779,7 @@ def _loop(recipe, workdir, model, optimizer, data, log, step, schedule_steps, ac
         progress["where"] = f" at step {step + 1}"
         batch = read_batch(data.train, recipe)
         start = time.perf_counter()
-        logs = model.train_on_batch(keras_inputs(batch), return_dict=True)
+        logs = model.train_on_batch(inputs(batch), return_dict=True)
         seconds = time.perf_counter() - start
         if not math.isfinite(float(logs["loss"])):
             raise RunFault(f"the loss became {float(logs['loss'])} at step {step + 1}; the last checkpoint is kept")
@@ -759,7 +801,7 @@ def _loop(recipe, workdir, model, optimizer, data, log, step, schedule_steps, ac
             save(step)
     log.close()
     summary = _finish(recipe, workdir, step, last_train, last_eval, total, out)
-    if recipe.eval.report_batches > 0:
+    if recipe.eval.report_batches > 0 and chief:
         from meliad_core.report import long_range_report
 
         summary["report"] = long_range_report(workdir, batches=recipe.eval.report_batches, out=out)

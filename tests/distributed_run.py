@@ -1,6 +1,10 @@
 """Run by tests/test_distribution.py in a fresh process (XLA_FLAGS must be set before JAX starts):
-trains a tiny model of one architecture for a few steps on 1 device and on N simulated CPU devices,
-and prints one JSON line with both runs' metrics and the per-device shard shapes."""
+trains a tiny model of one architecture for a few steps on 1 device and on N simulated CPU devices
+(data parallel, or model parallel with a 'model' axis of M devices), and prints one JSON line with
+both runs' metrics and the per-device shard shapes.
+
+    python tests/distributed_run.py ARCH N STEPS [M]
+"""
 
 from __future__ import annotations
 
@@ -23,8 +27,11 @@ from meliad_core.optimizers import make_optimizer  # noqa: E402
 from model_helpers import tiny_recipe  # noqa: E402
 
 
-def run(arch: str, devices: int, steps: int) -> dict:
-    mapping = tiny_recipe(arch, batch_size=8, model={"vocab_size": 259}, distribution={"devices": devices},
+def run(arch: str, devices: int, steps: int, model_axis: int = 1) -> dict:
+    distribution = {"devices": devices}
+    if model_axis > 1:
+        distribution.update(kind="model_parallel", model_axis=model_axis)
+    mapping = tiny_recipe(arch, batch_size=8, model={"vocab_size": 259}, distribution=distribution,
                           train={"warmup": 2, "steps": steps})
     recipe = validate_recipe(mapping)
     with make_distribution(recipe.distribution, recipe.data.batch_size).scope():
@@ -38,12 +45,15 @@ def run(arch: str, devices: int, steps: int) -> dict:
              for stream_name, variables in model.state_vars.items() for key, var in variables.items()}
     weights = {var.path: [list(s.data.shape) for s in var.value.addressable_shards]
                for var in model.trainable_weights}
+    slots = {var.path: [list(s.data.shape) for s in var.value.addressable_shards]  # the optimizer's moments
+             for var in model.optimizer.variables if len(var.shape) == 2}
     moved = max(float(np.abs(keras.ops.convert_to_numpy(v.value) - w).max())
                 for v, w in zip(model.trainable_weights, initial))
     return {"metrics": {k: float(v[-1]) for k, v in history.history.items()}, "state": state, "weights": weights,
-            "moved": moved}
+            "slots": slots, "moved": moved}
 
 
 if __name__ == "__main__":
     arch, devices, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    print(json.dumps({"one": run(arch, 1, steps), "many": run(arch, devices, steps)}))
+    model_axis = int(sys.argv[4]) if len(sys.argv) > 4 else 1
+    print(json.dumps({"one": run(arch, 1, steps), "many": run(arch, devices, steps, model_axis)}))
