@@ -148,3 +148,31 @@ def test_scaling_default_configurations_are_valid(part, values):
         for text in module.overrides_for(part, value, window=128, memory_segment_length=256, neighbors=128):
             mapping = apply_override(mapping, text)
         validate_recipe(mapping)
+
+
+def test_copy_probe_finds_every_kind_of_mention():
+    """Bits placed on the read-back values only come back under the read-backs, and the far recalls are
+    the synthetic source's own long-range spans."""
+    import numpy as np
+    from meliad_data.synthetic import SyntheticLedgers
+
+    probe = load_script("copy_probe")
+    doc = SyntheticLedgers("eval", 1, document_length=1500, num_facts=3, recalls_per_fact=1,
+                           min_recall_distance=400, near_recalls=2)[0]
+    ids = np.frombuffer(doc.text.encode(), np.uint8).astype(np.int32) + probe.BYTE_OFFSET
+    n = 128
+    ids = np.concatenate([ids, np.zeros(-len(ids) % n, np.int32)])
+    target_bits = np.full(len(ids), 5.0, np.float32)
+    for m in probe.VALUE.finditer(doc.text):
+        if probe.mention_kind(doc.text, m.start()).startswith("read-back"):
+            target_bits[m.start(1):m.end(1)] = 1.0
+    bits = np.concatenate([target_bits[1:], [0.0]]).astype(np.float32)  # bits[t]: loss of predicting t + 1
+    k = len(ids) // n
+    losses = {"tokens": ids.reshape(k, 1, n), "bits": bits.reshape(k, 1, n),
+              "scored": (ids > 0).reshape(k, 1, n), "start_of_sequence": np.eye(k, 1, dtype=bool)}
+    table = probe.copy_table(losses)
+    assert set(table) == {"stated", "read-back 1", "read-back 2", "far recall"}
+    assert table["read-back 1"]["rest"][0] == 1.0 and table["read-back 2"]["first"][0] == 1.0
+    assert table["stated"]["first"][0] == 5.0
+    far_chars = sum(end - start for start, end in doc.long_range_spans)
+    assert table["far recall"]["first"][1] + table["far recall"]["rest"][1] == far_chars

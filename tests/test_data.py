@@ -343,6 +343,29 @@ def test_synthetic_long_range_spans_recall_earlier_facts(index):
         assert 0 <= previous and start - previous >= distance  # its last mention is far back
 
 
+@pytest.mark.parametrize("index", range(4))
+def test_synthetic_near_read_backs_are_local_untagged_and_change_nothing_else(index):
+    plain = SyntheticLedgers("train", 4, document_length=3000, min_recall_distance=600)[index]
+    doc = SyntheticLedgers("train", 4, document_length=3000, min_recall_distance=600, near_recalls=2)[index]
+    text = doc.text
+    stated = dict(re.findall(r"The code of (\w+) is ([A-Z]{2}-\d{4})\.", plain.text[:plain.text.index("\n", 40)]))
+    stated.update(re.findall(r"(\w+) lives in (\w+)\.", plain.text[:plain.text.index("\n", 40)]))
+    backs = re.findall(r"Read back:([^\n]*)\n", text)
+    assert len(backs) == 2
+    for line in backs:  # every fact once per read-back, with its stated value
+        said = dict(re.findall(r"code of (\w+) is ([A-Z]{2}-\d{4})\.", line))
+        said.update(re.findall(r"(\w+) still lives in (\w+)\.", line))
+        assert said == stated
+    last_back = text.index("\n", text.rindex("Read back:"))
+    for start, end in doc.long_range_spans:  # far recalls stay tagged and far from every mention
+        assert start > last_back
+        assert start - text.rfind(text[start:end], 0, start) >= 600
+    assert not any(s < last_back for s, _ in doc.long_range_spans)  # read-backs are not long-range
+    assert "Read back" not in plain.text
+    assert plain.text == SyntheticLedgers("train", 4, document_length=3000, min_recall_distance=600,
+                                          near_recalls=0)[index].text
+
+
 def test_synthetic_batches_tag_the_recalled_values():
     cfg = DataConfig(segment_length=128, batch_size=2, options={"num_documents": 4, "document_length": 2000,
                                                                  "min_recall_distance": 300})

@@ -88,6 +88,7 @@ def test_options_reach_the_optimizer_and_serialize():
     ("train.adafactor.min_scale=0", "train.adafactor.min_scale: got 0"),
     ("train.adafactor.small_size=-1", "train.adafactor.small_size: got -1"),
     ("train.adafactor.small_lr_multiplier=0", "train.adafactor.small_lr_multiplier: got 0"),
+    ("model.attention_scale_init=0", "model.attention_scale_init: got 0"),
 ])
 def test_bad_values_stop_with_one_line(override, message):
     with pytest.raises(RecipeError, match=message):
@@ -126,6 +127,20 @@ def test_the_memory_gate_learns_faster_with_the_options():
     assert moved(boosted) > 20 * moved(plain) and moved(floor) > 20 * moved(plain)
     started = _gate_after_steps(_tiny_memorizing("memory.gate_init=-2", "memory.empty=mask"), steps=0)
     np.testing.assert_allclose(started, -2.0)
+
+
+@pytest.mark.parametrize("name", ["memorizing_tiny", "block_recurrent_tiny"])
+def test_attention_scale_init_sets_every_learned_scale(name):
+    from meliad_core import build_model
+
+    def scales(*extra):
+        model = build_model(recipes.load_recipe(name, ["model.num_layers=2", *extra]))
+        found = {v.path: ops.convert_to_numpy(v.value) for v in model.weights if "attention_scale" in v.path}
+        assert found and len(found) >= 2, found  # every layer's (and the recurrent cell's) scales
+        return found
+
+    assert all(np.all(v == 1.0) for v in scales().values())  # meliad: ones
+    assert all(np.all(v == 6.0) for v in scales("model.attention_scale_init=6").values())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -29,13 +29,14 @@ class TransformerBlock(keras.layers.Layer):
     def __init__(self, *, embed_dim: int, num_heads: int, head_dim: int, mlp_dim: int, window: int,
                  xl_cache: bool = True, kernel: str = "auto", kernel_options: dict | None = None,
                  position: str = "t5", position_options: dict | None = None, normalize_keys: bool = True,
-                 dropout: float = 0.0, attn_dropout: float = 0.0, use_causal_mask: bool = True,
+                 attention_scale_init: float = 1.0, dropout: float = 0.0, attn_dropout: float = 0.0, use_causal_mask: bool = True,
                  mlp_activation: str = "relu", mlp_use_bias: bool = False, norm_use_mean: bool = False,
                  norm_use_bias: bool = False, memory: dict | None = None, recurrence: dict | None = None,
                  feedback: bool = False, seed: int | None = None, **kwargs):
         super().__init__(**kwargs)
         self.embed_dim, self.num_heads, self.head_dim, self.mlp_dim = embed_dim, num_heads, head_dim, mlp_dim
         self.normalize_keys, self.dropout = normalize_keys, dropout
+        self.attention_scale_init = attention_scale_init
         self.mlp_activation, self.mlp_use_bias = mlp_activation, mlp_use_bias
         self.memory_args = dict(memory) if memory else None
         self.recurrence_args = dict(recurrence) if recurrence else None
@@ -45,7 +46,8 @@ class TransformerBlock(keras.layers.Layer):
         self._config = dict(embed_dim=embed_dim, num_heads=num_heads, head_dim=head_dim, mlp_dim=mlp_dim,
                             window=window, xl_cache=xl_cache, kernel=kernel, kernel_options=dict(kernel_options or {}),
                             position=position, position_options=dict(position_options or {}),
-                            normalize_keys=normalize_keys, dropout=dropout, attn_dropout=attn_dropout,
+                            normalize_keys=normalize_keys, attention_scale_init=attention_scale_init,
+                            dropout=dropout, attn_dropout=attn_dropout,
                             use_causal_mask=use_causal_mask, mlp_activation=mlp_activation,
                             mlp_use_bias=mlp_use_bias, norm_use_mean=norm_use_mean, norm_use_bias=norm_use_bias,
                             memory=self.memory_args, recurrence=self.recurrence_args, feedback=feedback, seed=seed)
@@ -63,7 +65,8 @@ class TransformerBlock(keras.layers.Layer):
         if recurrence is not None:
             self.recurrence = BlockRecurrence(
                 embed_dim=embed_dim, num_heads=num_heads, head_dim=head_dim, mlp_dim=mlp_dim,
-                normalize_keys=normalize_keys, kernel=kernel, kernel_options=kernel_options,
+                normalize_keys=normalize_keys, attention_scale_init=attention_scale_init, kernel=kernel,
+                kernel_options=kernel_options,
                 mlp_activation=mlp_activation, mlp_use_bias=mlp_use_bias, norm_use_mean=norm_use_mean,
                 norm_use_bias=norm_use_bias, name="recurrent_tbase", **recurrence)
         self.seed_generator = keras.random.SeedGenerator(seed)
@@ -83,9 +86,10 @@ class TransformerBlock(keras.layers.Layer):
         # learned per-head scales only with normalised keys; otherwise queries carry 1/√D and no scale
         self.scale = self.scale2 = None
         if self.normalize_keys:
-            self.scale = self.add_weight(shape=(h,), initializer="ones", name="attention_scale")
+            init = keras.initializers.Constant(self.attention_scale_init)
+            self.scale = self.add_weight(shape=(h,), initializer=init, name="attention_scale")
             if self.cross:
-                self.scale2 = self.add_weight(shape=(h,), initializer="ones", name="attention_scale2")
+                self.scale2 = self.add_weight(shape=(h,), initializer=init, name="attention_scale2")
         self.w_out, self.b_out = add_dense(self, (2 if self.cross else 1) * hd, e, "post_attn", self.mlp_use_bias)
         self.pre_ffn_norm.build((None, None, e))
         self.w_1, self.b_1 = add_dense(self, e, m, "ffn_hidden", self.mlp_use_bias)

@@ -38,14 +38,14 @@ class BlockRecurrence(keras.layers.Layer):
 
     def __init__(self, *, num_states: int, embed_dim: int, num_heads: int, head_dim: int, mlp_dim: int,
                  variant: str = "skip", gate: str = "fixed", gate_options: dict | None = None,
-                 normalize_keys: bool = True, kernel: str = "auto", kernel_options: dict | None = None,
+                 normalize_keys: bool = True, attention_scale_init: float = 1.0, kernel: str = "auto", kernel_options: dict | None = None,
                  mlp_activation: str = "relu", mlp_use_bias: bool = False, norm_use_mean: bool = False,
                  norm_use_bias: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.num_states, self.embed_dim = num_states, embed_dim
         self.num_heads, self.head_dim, self.mlp_dim = num_heads, head_dim, mlp_dim
         self.variant, self.gate_name, self.gate_options = variant, gate, dict(gate_options or {})
-        self.normalize_keys = normalize_keys
+        self.normalize_keys, self.attention_scale_init = normalize_keys, attention_scale_init
         self.kernel_name, self.kernel_options = kernel, dict(kernel_options or {})
         self.mlp_activation, self.mlp_use_bias = mlp_activation, mlp_use_bias
         self.norm_use_mean, self.norm_use_bias = norm_use_mean, norm_use_bias
@@ -62,7 +62,8 @@ class BlockRecurrence(keras.layers.Layer):
         return {**super().get_config(), "num_states": self.num_states, "embed_dim": self.embed_dim,
                 "num_heads": self.num_heads, "head_dim": self.head_dim, "mlp_dim": self.mlp_dim,
                 "variant": self.variant, "gate": self.gate_name, "gate_options": self.gate_options,
-                "normalize_keys": self.normalize_keys, "kernel": self.kernel_name,
+                "normalize_keys": self.normalize_keys, "attention_scale_init": self.attention_scale_init,
+                "kernel": self.kernel_name,
                 "kernel_options": self.kernel_options, "mlp_activation": self.mlp_activation,
                 "mlp_use_bias": self.mlp_use_bias, "norm_use_mean": self.norm_use_mean,
                 "norm_use_bias": self.norm_use_bias}
@@ -80,8 +81,9 @@ class BlockRecurrence(keras.layers.Layer):
         self.w_q2, _ = add_dense(self, e, hd, "queries2")
         self.scale = self.scale2 = None  # learned scales only with normalised keys, as on the token side
         if self.normalize_keys:
-            self.scale = self.add_weight(shape=(self.num_heads,), initializer="ones", name="attention_scale")
-            self.scale2 = self.add_weight(shape=(self.num_heads,), initializer="ones", name="attention_scale2")
+            init = keras.initializers.Constant(self.attention_scale_init)
+            self.scale = self.add_weight(shape=(self.num_heads,), initializer=init, name="attention_scale")
+            self.scale2 = self.add_weight(shape=(self.num_heads,), initializer=init, name="attention_scale2")
         if self.gate1 is not None:
             self.w_out, self.b_out = add_dense(self, 2 * hd, e, "post_attn", self.mlp_use_bias)
             self.gate1.build(None)

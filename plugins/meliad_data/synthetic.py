@@ -21,6 +21,11 @@ Options (`data.options`):
     num_facts            facts stated per document (6)
     recalls_per_fact     times each fact is asked for again (2)
     min_recall_distance  characters between a fact's mention and its recall (512)
+    near_recalls         beyond meliad: times the facts paragraph is read back at once, in a shuffled
+                         order, right after it is written (0). These read-backs are within a local
+                         window's reach and are *not* tagged long-range: they let every model learn to
+                         copy a value from its name locally, which the memory and the recurrent state
+                         can then apply to the far recalls (docs/long_range.md)
     corpus_seed          which corpus (0)
 """
 
@@ -39,7 +44,7 @@ MAX_DOCUMENT_LENGTH = 100_000_000  # characters, like a very long book
 MAX_FACTS = 100_000
 
 OPTIONS = ("num_documents", "num_eval_documents", "document_length", "num_facts", "recalls_per_fact",
-           "min_recall_distance", "corpus_seed")
+           "min_recall_distance", "near_recalls", "corpus_seed")
 
 SYLLABLES = ("ka", "ri", "to", "mel", "an", "dor", "vi", "sa", "lu", "ben", "tor", "eth", "ni", "ro", "gal",
              "fen", "mi", "os", "ar", "quin", "bel", "ta", "zu", "ler", "mo", "ca", "del", "ha", "ur", "pe")
@@ -99,7 +104,8 @@ class SyntheticLedgers(collections.abc.Sequence):
     """The documents of one split, generated on demand (a random-access Sequence)."""
 
     def __init__(self, split: str, num_documents: int, document_length: int = 6000, num_facts: int = 6,
-                 recalls_per_fact: int = 2, min_recall_distance: int = 512, corpus_seed: int = 0):
+                 recalls_per_fact: int = 2, min_recall_distance: int = 512, corpus_seed: int = 0,
+                 near_recalls: int = 0):
         self.split = split
         self.num_documents = num_documents
         self.document_length = document_length
@@ -107,6 +113,7 @@ class SyntheticLedgers(collections.abc.Sequence):
         self.recalls_per_fact = recalls_per_fact
         self.min_recall_distance = min_recall_distance
         self.corpus_seed = corpus_seed
+        self.near_recalls = near_recalls
 
     def __len__(self) -> int:
         return self.num_documents
@@ -155,6 +162,14 @@ class SyntheticLedgers(collections.abc.Sequence):
             at = add(statement)
             last_mention[f] = at + statement.index(value)
         add("\n")
+        for _ in range(self.near_recalls):
+            add("Read back:")
+            for f in rng.sample(range(len(facts)), len(facts)):
+                _, template, value = facts[f]
+                add(f" {template[0].upper()}{template[1:]}")
+                last_mention[f] = add(value)
+                add(".")
+            add("\n")
         facts_end = length
         distance = self.min_recall_distance
         end = max(self.document_length, facts_end + distance)
@@ -193,6 +208,7 @@ def open_synthetic(data_config, split: str, seed: int) -> SyntheticLedgers:
         recalls_per_fact=get_int(options, "recalls_per_fact", 2, minimum=0, maximum=MAX_FACTS),
         min_recall_distance=get_int(options, "min_recall_distance", 512, minimum=1, maximum=MAX_DOCUMENT_LENGTH),
         corpus_seed=get_int(options, "corpus_seed", 0, minimum=0),
+        near_recalls=get_int(options, "near_recalls", 0, minimum=0, maximum=MAX_FACTS),
     )
 
 
