@@ -1,7 +1,7 @@
 """The memorizing model's training step against memory size, for each memory store: tokens/s, peak
 memory (process max RSS), and recall@k of each store against exact top-k.
 
-    python benchmarks/memory.py --backend jax [--stores exact,bucketed,exact_host,hnsw]
+    python benchmarks/memory.py --backend jax [--stores exact,bucketed,jax_approx,exact_host,hnsw]
         [--sizes 8192,32768,65536,262144,1048576] [--heads 1] [--steps 3]
 
 The model is memorizing_tiny (L=2, E=128, D=32, T5 bias, memory in the top layer, k=32) with batch 1,
@@ -99,7 +99,7 @@ def one(store: str, size: int, heads: int, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", default=os.environ.get("KERAS_BACKEND", "jax"))
-    parser.add_argument("--stores", default="exact,bucketed,exact_host,hnsw")
+    parser.add_argument("--stores", help="default: exact,bucketed,exact_host,hnsw, and jax_approx on jax")
     parser.add_argument("--sizes", default="8192,32768,65536,262144,1048576")
     parser.add_argument("--heads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
@@ -107,6 +107,8 @@ def main() -> None:
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ["KERAS_BACKEND"] = args.backend
+    if args.stores is None:
+        args.stores = "exact,bucketed," + ("jax_approx," if args.backend == "jax" else "") + "exact_host,hnsw"
     if args.one:
         store, size = args.one.split(":")
         print(json.dumps(one(store, int(size), args.heads, args.steps)))

@@ -9,15 +9,19 @@ own `reset_rows` / `write_segment`, a host store's is its own. Other distributio
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
 
 from meliad_core import assemble
+from meliad_core.config import RecipeError, validate_recipe
 from meliad_core.host_store import HostMemoryStore, is_host_store
 from meliad_core.layers import knn_memory
 from model_helpers import make_model, tiny_recipe, to_numpy
 
-DEVICE_STORES = ["bucketed", "exact"]
+BACKEND = keras.backend.backend()
+JAX_STORES = ["jax_approx"]  # registered by backends/meliad_jax for the jax backend only
+DEVICE_STORES = ["bucketed", "exact"] + (JAX_STORES if BACKEND == "jax" else [])
 HOST_STORES = ["exact_host"]
 HOST_RUN_STORE = "exact_host"  # the store test_host_store_trains_under_meliad_run runs (other distributions reuse it)
 
@@ -84,6 +88,34 @@ def check_round_trip(driver: StoreDriver, segments=13, n=8, seed=0):
     assert segments * n >= 3 * driver.size  # the test wrapped around at least twice
 
 
+def clustered(rng, shape, centers):
+    """Unit keys around a few centres: many near neighbours, where an approximate top-k can miss."""
+    x = centers[rng.integers(0, len(centers), shape[:-1])] + 0.35 * rng.normal(size=shape)
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def recall_against_exact(driver: StoreDriver, k=32, segments=20, n=256, seed=0) -> float:
+    """recall@k of `driver`'s store against the device `exact` store on the same wrapped-around memory of
+    clustered keys; each value names its entry, so hits are counted by entry, and nothing evicted may
+    come back."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(64, driver.dim))
+    exact = StoreDriver(assemble.memory_store("exact"), batch=driver.batch, heads=driver.heads, size=driver.size,
+                        dim=driver.dim)
+    shape = (driver.batch, driver.heads, n, driver.dim)
+    for step in range(segments):
+        keys = clustered(rng, shape, centers)
+        values = np.broadcast_to(np.arange(step * n, (step + 1) * n, dtype=np.float32)[None, None, :, None],
+                                 shape).copy()
+        driver.write("train", keys, values)
+        exact.write("train", keys, values)
+    assert segments * n > driver.size  # wrapped around
+    queries = clustered(rng, shape, centers)
+    got, want = driver.retrieve("train", queries, k)[1][..., 0], exact.retrieve("train", queries, k)[1][..., 0]
+    assert got.min() >= segments * n - driver.size  # nothing evicted comes back
+    return float(np.mean([len(set(g) & set(w)) / k for g, w in zip(got.reshape(-1, k), want.reshape(-1, k))]))
+
+
 def check_resets(driver: StoreDriver, n=8, seed=1):
     """A reset empties only its row of its stream."""
     rng = np.random.default_rng(seed)
@@ -112,6 +144,88 @@ def test_round_trip_across_wrap_arounds(name, installed_plugins):
 @pytest.mark.parametrize("name", DEVICE_STORES + HOST_STORES)
 def test_reset_touches_only_its_row(name, installed_plugins):
     check_resets(StoreDriver(assemble.memory_store(name)))
+
+
+@pytest.mark.parametrize("name", [s for s in DEVICE_STORES + HOST_STORES if s not in ("bucketed", "exact")])
+def test_recall_against_exact_at_default_options(name, installed_plugins):
+    """The stores that stand for exact top-k (bucketed is meliad's one-per-bucket kNN, a different retrieval)."""
+    recall = recall_against_exact(StoreDriver(assemble.memory_store(name), batch=1, heads=2, size=4096, dim=32))
+    assert recall >= 0.9, recall
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="jax_approx serves the jax backend only")
+def test_jax_approx_is_exact_top_k_off_tpu(installed_plugins):
+    """On CPU and GPU XLA runs approx_max_k's exact fallback: the same neighbours as `exact`, for any
+    recall_target, with zeros where fewer slots than k are filled and in unwritten rows."""
+    import jax
+
+    if jax.default_backend() == "tpu":
+        pytest.skip("approximate on TPU (its recall is tested above)")
+    rng = np.random.default_rng(4)
+    stores = {"exact": StoreDriver(assemble.memory_store("exact")),
+              **{t: StoreDriver(assemble.memory_store("jax_approx", {"recall_target": t})) for t in (0.95, 0.5)}}
+    for step in range(6):
+        keys = unit(rng.normal(size=(2, 2, 8, 8)))
+        values = rng.normal(size=(2, 2, 8, 8)).astype(np.float32)
+        queries = unit(rng.normal(size=(2, 2, 8, 8)))
+        want = stores["exact"].retrieve("train", queries, 12)
+        for target in (0.95, 0.5):
+            for got, expected in zip(stores[target].retrieve("train", queries, 12), want):
+                np.testing.assert_array_equal(got, expected)
+        for driver in stores.values():
+            driver.write("train", keys, values)
+        if step == 0:
+            assert not want[0].any()  # an empty memory gives zeros
+    keys, _ = stores[0.95].retrieve("train", queries, 64)  # k above the memory size (32): zeros beyond
+    assert keys.shape[3] == 64 and keys[:, :, :, :32].any(axis=-1).all() and not keys[:, :, :, 32:].any()
+
+
+def test_jax_approx_is_registered_for_jax_only_with_its_options(installed_plugins):
+    from meliad_core import plugins
+
+    found = plugins.get_plugin_manager().get("memory_store", "jax_approx")
+    assert found.backends == ("jax",) and set(found.options) == {"recall_target"}
+    assert assemble.options_for("memory_store", "jax_approx", {}, "memory.options") == {"recall_target": 0.95}
+    with pytest.raises(RecipeError, match=r"^memory.options.recall_target: got 0.0, expected a number in"):
+        assemble.options_for("memory_store", "jax_approx", {"recall_target": 0}, "memory.options")
+    recipe = validate_recipe(memory_recipe("jax_approx"))
+    for backend in ("torch", "tensorflow"):
+        with pytest.raises(RecipeError) as info:
+            assemble.check_recipe(recipe, backend=backend)
+        assert str(info.value) == (f"memory.store: got 'jax_approx' (from meliad), which is not available on the "
+                                   f"{backend} backend: serves jax only")
+    if BACKEND != "jax":
+        with pytest.raises(plugins.PluginError, match="'jax_approx' from meliad is not available: serves jax only"):
+            assemble.memory_store("jax_approx")
+
+
+def test_jax_approx_is_listed_by_meliad_plugins(installed_plugins, monkeypatch):
+    from click.testing import CliRunner
+
+    from meliad_core.cli import cli
+
+    monkeypatch.setenv("KERAS_BACKEND", BACKEND)
+    result = CliRunner().invoke(cli, ["plugins"])
+    assert result.exit_code == 0, result.output
+    (line,) = [row.split() for row in result.output.splitlines() if row.split()[:2] == ["memory_store", "jax_approx"]]
+    assert line[2] == "meliad" and line[4] == "jax"  # distribution, version, backends
+    if BACKEND == "jax":
+        assert "available" in line and "unavailable:" not in line
+    else:
+        assert "unavailable: serves jax only" in " ".join(line)
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="jax_approx serves the jax backend only")
+def test_jax_approx_trains_like_exact(installed_plugins):
+    """In the model's compiled steps (off TPU) jax_approx gives the `exact` store's losses and logits."""
+    results = {}
+    for store in ("exact", "jax_approx"):
+        model = make_model(memory_recipe(store))
+        model.compile(optimizer="adam")
+        results[store] = train_and_eval(model, batches(7), batches(3, seed=5))
+    np.testing.assert_allclose(results["jax_approx"][0], results["exact"][0], rtol=1e-6)
+    for a, b in zip(results["jax_approx"][1], results["exact"][1]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_exact_host_matches_exact_store(installed_plugins):
@@ -234,7 +348,6 @@ def resume_is_bit_identical(tmp_path, recipe, steps=6, split=3):
     worth of model and optimizer, restore, the rest: weights, optimizer and eval logits are identical."""
     from meliad_core import checkpoint as ckpt
     from meliad_core.optimizers import make_optimizer
-    from meliad_core.config import validate_recipe
     import copy
 
     data, eval_data = batches(steps, resets=(0, 4)), batches(2, seed=9)
@@ -273,7 +386,7 @@ def resume_is_bit_identical(tmp_path, recipe, steps=6, split=3):
     np.testing.assert_equal(resumed.host_state(), straight.host_state())
 
 
-@pytest.mark.parametrize("store", ["exact", "exact_host"])
+@pytest.mark.parametrize("store", ["exact", "exact_host"] + (JAX_STORES if BACKEND == "jax" else []))
 def test_resume_is_bit_identical(tmp_path, store, installed_plugins):
     resume_is_bit_identical(tmp_path, memory_recipe(store))
 

@@ -93,3 +93,26 @@ def test_exact_equals_numpy_top_k(query_chunk):
     np.testing.assert_allclose(to_numpy(rk), ek, atol=1e-6)
     np.testing.assert_allclose(to_numpy(rv), ev, atol=1e-6)
     assert np.count_nonzero(to_numpy(rv)[1].any(axis=-1)) == 3 * 6 * 5  # row 1: 5 neighbours, 3 zero rows
+
+
+@pytest.mark.parametrize("query_chunk", [0, 2])
+def test_jax_approx_equals_numpy_top_k_off_tpu(query_chunk):
+    """`jax_approx` (backends/meliad_jax) off TPU: approx_max_k's exact fallback gives numpy's top-k."""
+    import keras
+
+    if keras.backend.backend() != "jax":
+        pytest.skip("jax_approx serves the jax backend only")
+    import jax
+
+    if jax.default_backend() == "tpu":
+        pytest.skip("approximate on TPU")
+    from meliad_jax.approx_store import ApproxMaxKStore
+
+    rng = np.random.default_rng(3)
+    key_db, value_db, filled, queries = _memory(rng, written=[32, 5])
+    filled[0, ::3] = False  # any set of filled slots, not only a prefix
+    rk, rv = ApproxMaxKStore().retrieve(key_db, value_db, filled, queries, num_neighbors=8, query_chunk=query_chunk)
+    ek, ev = _exact_numpy(key_db, value_db, filled, queries, 8)
+    np.testing.assert_allclose(to_numpy(rk), ek, atol=1e-6)
+    np.testing.assert_allclose(to_numpy(rv), ev, atol=1e-6)
+    assert np.count_nonzero(to_numpy(rv)[1].any(axis=-1)) == 3 * 6 * 5  # row 1: 5 neighbours, 3 zero rows
