@@ -381,10 +381,11 @@ def plugins_command(ctx: click.Context) -> None:
             entry.name,
             f"{entry.distribution} {entry.version}".strip(),
             ", ".join(entry.backends) if entry.backends is not None else "all",
+            ", ".join(f"{key}={option.default}" for key, option in (entry.options or {}).items()) or "-",
             "available" if reason is None else f"unavailable: {reason}",
         ))
     if rows:
-        _print_table(("KIND", "NAME", "DISTRIBUTION", "BACKENDS", "STATUS"), rows)
+        _print_table(("KIND", "NAME", "DISTRIBUTION", "BACKENDS", "OPTIONS", "STATUS"), rows)
     else:
         click.echo("(nothing registered)")
 
