@@ -10,7 +10,14 @@ compiled step (`MeliadLM.decoder()`) and reports the mean time per token over th
 each position (a whole segment: every window update and memory write is counted), and, for comparison,
 the time of one segment-path forward over N tokens, which is what re-running the segment per token
 costs. Flat means max/min of the per-position times within 1.15. Numbers vary with the machine's load
-(printed).
+(printed); on a shared machine the CPU time of the process per token (`cpu`) is steadier than the wall
+clock, so both are printed.
+
+    KERAS_BACKEND=torch python benchmarks/generate.py --arch transformer_xl --before-after 256
+
+`--before-after K` also times K tokens of the plain Keras step (`DecodingModel.lean = False`: the
+layer's `__call__` around the step and every state variable assigned each token) against the lean one,
+interleaved in blocks of 32 tokens in the same process, in CPU ms per token.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ def build(arch: str, segment_length: int):
     return build_model(validate_recipe(recipe), streams=("predict",))
 
 
-def bench(arch: str, positions: list[int], segment_length: int, out) -> dict:
+def bench(arch: str, positions: list[int], segment_length: int, out, before_after: int = 0) -> dict:
     import numpy as np
 
     model = build(arch, segment_length)
@@ -53,10 +60,10 @@ def bench(arch: str, positions: list[int], segment_length: int, out) -> dict:
     tokens = np.random.default_rng(0).integers(1, 256, size=(1, n)).astype("int32")
     batch = {"tokens": tokens, "start_of_sequence": np.ones((1,), bool)}
     model.predict_on_batch(batch)  # compile
-    reps, t0 = 3, time.perf_counter()
+    reps, t0, c0 = 3, time.perf_counter(), time.process_time()
     for _ in range(reps):
         model.predict_on_batch(batch)
-    segment = (time.perf_counter() - t0) / reps
+    segment, segment_cpu = (time.perf_counter() - t0) / reps, (time.process_time() - c0) / reps
 
     decoder = model.decoder()
     decoder.reset()
@@ -64,22 +71,52 @@ def bench(arch: str, positions: list[int], segment_length: int, out) -> dict:
     logits = decoder.step([1])  # compiles
     compile_s = time.perf_counter() - t0
     times = np.zeros(max(positions) + n)
+    cpu = np.zeros_like(times)
     token = 1
     for i in range(1, len(times)):
         token = int(np.argmax(logits[0, 1:])) + 1
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         logits = decoder.step([token])
-        times[i] = time.perf_counter() - t
+        times[i], cpu[i] = time.perf_counter() - t, time.process_time() - c
     per_position = {p: float(times[max(p, 1):p + n].mean()) for p in positions}
+    cpu_position = {p: float(cpu[max(p, 1):p + n].mean()) for p in positions}
     values = list(per_position.values())
-    result = {"arch": arch, "segment_s": segment, "compile_s": compile_s, "per_position": per_position,
+    result = {"arch": arch, "segment_s": segment, "segment_cpu_s": segment_cpu, "compile_s": compile_s,
+              "per_position": per_position, "cpu_per_position": cpu_position,
               "flat": max(values) / min(values), "speedup": segment / max(values),
+              "cpu_flat": max(cpu_position.values()) / min(cpu_position.values()),
+              "cpu_speedup": segment_cpu / max(cpu_position.values()),
               "tokens_per_s": 1.0 / float(times[1:].mean())}
     cells = "  ".join(f"@{p:,}: {t * 1e3:6.2f} ms" for p, t in per_position.items())
+    cpu_cells = "  ".join(f"@{p:,}: {t * 1e3:6.2f} ms" for p, t in cpu_position.items())
     print(f"{arch:16s} {result['tokens_per_s']:7.1f} tok/s  {cells}  max/min {result['flat']:.2f}  "
-          f"segment path {segment * 1e3:7.1f} ms per token -> {result['speedup']:.0f}x faster  "
-          f"(step compiled in {compile_s:.1f} s)", file=out, flush=True)
+          f"segment path {segment * 1e3:7.1f} ms per token -> {result['speedup']:.1f}x faster  "
+          f"(step compiled in {compile_s:.1f} s)\n{'':16s} cpu per token {cpu_cells}  max/min "
+          f"{result['cpu_flat']:.2f}  segment path {segment_cpu * 1e3:7.1f} ms cpu -> "
+          f"{result['cpu_speedup']:.1f}x", file=out, flush=True)
+    if before_after:
+        result["before_after"] = compare_lean(decoder, before_after, arch, out)
     return result
+
+
+def compare_lean(decoder, count: int, arch: str, out, block: int = 32) -> dict:
+    """CPU ms per token of the plain Keras step (lean off) and the lean one, interleaved in blocks."""
+    import numpy as np
+
+    spent = {False: [], True: []}
+    for i in range(max(1, count // block)):
+        for lean in (False, True):
+            decoder.net.lean = lean
+            c = time.process_time()
+            for j in range(block):
+                decoder.step([(i * block + j) % 200 + 1])
+            spent[lean].append((time.process_time() - c) / block)
+    decoder.net.lean = True
+    before, after = float(np.median(spent[False])), float(np.median(spent[True]))
+    print(f"{arch:16s} before/after (cpu ms per token, median of {len(spent[True])} blocks of {block}): "
+          f"plain Keras step {before * 1e3:.2f}, lean step {after * 1e3:.2f} ({(1 - after / before) * 100:+.0f}% "
+          f"time saved)", file=out, flush=True)
+    return {"before_cpu_s": before, "after_cpu_s": after}
 
 
 def main(argv=None) -> int:
@@ -87,6 +124,8 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", choices=sorted(ARCHS), nargs="*", default=list(ARCHS))
     parser.add_argument("--positions", type=int, nargs="*", default=[100, 1000, 10000])
     parser.add_argument("--segment-length", type=int, default=512)
+    parser.add_argument("--before-after", type=int, default=0, metavar="K",
+                        help="also compare K tokens of the plain Keras step with the lean one (CPU time)")
     args = parser.parse_args(argv)
     try:  # torch's OpenMP threads spin for milliseconds per op on a busy 2-core machine
         from meliad_core.threads import configure_threads
@@ -99,7 +138,8 @@ def main(argv=None) -> int:
     load = os.getloadavg()
     print(f"meliad decoding benchmark: backend {keras.backend.backend()}, {machine()}, "
           f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
-    results = [bench(arch, sorted(args.positions), args.segment_length, sys.stdout) for arch in args.arch]
+    results = [bench(arch, sorted(args.positions), args.segment_length, sys.stdout, args.before_after)
+               for arch in args.arch]
     load = os.getloadavg()
     print(f"load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
     ok = all(r["flat"] <= 1.15 and r["speedup"] >= 5 for r in results)

@@ -13,7 +13,11 @@ shares the MeliadLM's layers), updated in place each step with `where`/`cond`, n
   start a document), and token i of a window attends through row i of the segment path's mask and bias;
 - kNN memory: the memory (B, H, M, D) as `call` keeps it, queried by every token as it was at the
   segment's start, and a pending (B, H, N, D) buffer of the segment's keys and values, written into the
-  memory when the segment's last token has been decoded (whole segments, as in training);
+  memory when the segment's last token has been decoded (whole segments, as in training). A host
+  memory store (`exact_host`, `hnsw`) keeps the memory itself, in host RAM: each token's queries reach
+  it through a host call (`meliad_core.host_calls`), and the pending segment is written there at the
+  same boundary. Its memory is that of the model's inference stream ("predict"), which the segment
+  path in `feed` also reads and writes; `get_state` includes it (keys 'host/...');
 - block recurrence: the state at the current window's start and its keys and values, read by every
   token of the window; the state steps once at the window's last token, with the window's keys;
 - one position counter (the position in the segment of the next token), shared by the batch rows.
@@ -21,7 +25,10 @@ shares the MeliadLM's layers), updated in place each step with `where`/`cond`, n
 Semantics equal the segment path exactly: teacher-forcing a text through `step` gives the logits
 `model(...)` gives on the same text cut into segments (tests/test_decoding.py), with start_of_sequence
 taking effect at a segment's first token. The step is compiled the way Keras compiles `predict_on_batch`
-(jax.jit with the state donated, tf.function on TensorFlow, eager on PyTorch).
+(jax.jit with the state donated, tf.function on TensorFlow — without XLA when a host store is called —,
+eager on PyTorch, where `DecodingModel.lean` skips the layer-call machinery around the step and the
+copies of unchanged state, e.g. the whole kNN memory between writes: a few percent of a token's CPU
+time, `benchmarks/generate.py --before-after`).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import numpy as np
 from keras import ops
 
 POSITION = "position"
+HOST = "host/"  # get_state keys of the host memory stores
 
 
 def _var_name(key: str) -> str:
@@ -50,6 +58,7 @@ class DecodingModel(keras.Model):
                                                 name=_var_name(key)) for key, (shape, dtype) in self.spec.items()}
         self.position = self.add_weight(shape=(), dtype="int32", initializer="zeros", trainable=False,
                                         name="decode_position")
+        self.lean = True  # False: the plain Keras path (every state variable assigned, the layer's __call__)
         self.built = True
 
     def call(self, inputs, training=False):
@@ -59,9 +68,21 @@ class DecodingModel(keras.Model):
         state = {key: var.value for key, var in self.state_vars.items()}
         logits, new_state = self.stack.decode_step(tokens, state, position, start, self.segment_length)
         for key, var in self.state_vars.items():
-            var.assign(ops.cast(new_state[key], var.dtype))
+            new = new_state[key]
+            if self.lean and new is state[key]:
+                continue  # unchanged (e.g. the memory between writes): eager torch would copy it every token
+            var.assign(ops.cast(new, var.dtype))
         self.position.assign((position + 1) % self.segment_length)
         return logits[:, 0]
+
+    def predict_step(self, *args):
+        """On eager PyTorch the step calls `call` directly, inside Keras' no-grad predict function: the
+        layer-call machinery around it (input conversion, masks, scopes) costs time every token.
+        (JAX's predict_step takes (state, data); TensorFlow's and torch's take (data,).)"""
+        if self.lean and keras.backend.backend() == "torch":
+            data = args[-1]
+            return self.call(data[0] if isinstance(data, tuple) else data)
+        return super().predict_step(*args)
 
 
 class Decoder:
@@ -76,8 +97,17 @@ class Decoder:
         self.model = model
         self.batch_size, self.segment_length = model.batch_size, model.segment_length
         self.vocab_size = model.vocab_size
+        # host memory stores keep one memory per stream: the decoder's is the inference stream's, so that
+        # the segment path (`feed`) and the token step read and write the same memory
+        self.host_memories = list(model._host_memories)
+        self.host_stream = model._inference_stream
+        for layer in self.host_memories:
+            layer.decode_stream = self.host_stream
         self.net = DecodingModel(model.stack, self.batch_size, self.segment_length, name="meliad_decoder")
-        self.net.compile(jit_compile="auto" if compiled else False)
+        jit = "auto" if compiled else False
+        if self.host_memories and keras.backend.backend() == "tensorflow":
+            jit = False  # the host call (tf.numpy_function) cannot run inside XLA
+        self.net.compile(jit_compile=jit)
         self.compiled = compiled
         self.position = 0
         self._pending_start = np.ones((self.batch_size,), bool)
@@ -88,6 +118,12 @@ class Decoder:
         """Empty state at a segment boundary; the next token starts a document in every row."""
         for var in self.net.state_vars.values():
             var.assign(ops.zeros(var.shape, var.dtype))
+        if self.host_memories:
+            from meliad_core.host_calls import host_barrier
+
+            host_barrier()  # host calls of earlier steps have run
+            for layer in self.host_memories:
+                layer.host_store().reset(self.host_stream, range(self.batch_size))
         self._set_position(0)
         self._pending_start = np.ones((self.batch_size,), bool)
 
@@ -96,21 +132,38 @@ class Decoder:
         self.net.position.assign(np.asarray(position, "int32"))
 
     def get_state(self) -> dict[str, np.ndarray]:
-        """A copy of the decoding state ('transformer{i}/name' arrays, plus 'position')."""
+        """A copy of the decoding state ('transformer{i}/name' arrays, plus 'position'; with a host
+        memory store also 'host/<layer path>/<name>': the host stores' state, every stream's)."""
         out = {key: np.array(ops.convert_to_numpy(var), copy=True) for key, var in self.net.state_vars.items()}
         out[POSITION] = np.asarray(self.position, "int32")
+        if self.host_memories:
+            out.update({HOST + key: np.array(value, copy=True) for key, value in self.model.host_state().items()})
         return out
 
     def set_state(self, state: dict) -> None:
         """Restores a state from `get_state`."""
         for key, var in self.net.state_vars.items():
             var.assign(np.asarray(state[key]).astype(str(var.dtype)))
+        if self.host_memories:
+            from meliad_core.host_calls import host_barrier
+
+            host_barrier()
+            self.model.load_host_state({key[len(HOST):]: value for key, value in state.items()
+                                        if key.startswith(HOST)})
         self._set_position(int(state[POSITION]))
         self._pending_start = np.zeros((self.batch_size,), bool)
 
+    def _check_host_stream(self, stream: str) -> None:
+        if self.host_memories and stream != self.host_stream:
+            raise ValueError(f"stream {stream!r}: the memory store {self.host_memories[0].store_name!r} keeps "
+                             f"its memory on the host, and the decoder reads and writes the {self.host_stream!r} "
+                             f"stream's memory there; it can continue only the {self.host_stream!r} stream")
+
     def load_stream(self, stream: str = "predict") -> None:
         """Continues the documents the model's `stream` has been reading (its caches, memories and
-        states after the last segment it was called on): the decoder sits at a segment boundary."""
+        states after the last segment it was called on): the decoder sits at a segment boundary.
+        With a host memory store only the decoder's own stream (`host_stream`) can be continued."""
+        self._check_host_stream(stream)
         state = {key: var.value for key, var in self.model.state_vars[self.model._check_stream(stream)].items()}
         decoded = self.model.stack.decode_state(state, self.batch_size, self.segment_length)
         for key, var in self.net.state_vars.items():
@@ -123,6 +176,7 @@ class Decoder:
         if self.position != 0:
             raise ValueError(f"the decoder is at position {self.position} of a segment; the segment path "
                              "carries state between whole segments only")
+        self._check_host_stream(stream)
         state = {key: var.value for key, var in self.net.state_vars.items()}
         carried = self.model.stack.carried_state(state, self.batch_size)
         for key, var in self.model.state_vars[self.model._check_stream(stream)].items():

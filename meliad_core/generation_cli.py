@@ -2,8 +2,14 @@
 
     meliad generate runs/quickstart --prompt "The ledger of" --max-tokens 200 --top-p 0.9 --seed 1
     meliad generate quickstart --prompt-file prompt.txt --max-tokens 50          # a recipe: untrained weights
-    meliad eval runs/quickstart --batches 48 --token-losses losses.npz
+    meliad eval runs/quickstart --token-losses losses.npz        # every eval document, each to its end
+    meliad eval runs/quickstart --batches 48 --report              # at most 48 batches, with the report
     meliad eval runs/quickstart --data data.source=text_files --data 'data.options.paths=[book.txt]'
+
+`eval` reads each eval document once, from its start, in the run's batch slots: a slot keeps its
+document to its end and then takes the next one; a slot with none left gets padding (never scored)
+until every slot has run out. With the run's eval settings and documents that run out together, the
+figure is the run's own eval figure (tests/test_generate_cli.py).
 
 Registered on the `meliad` group by `add_generation_commands(cli)`. Like every command, bad input ends
 with one line on stderr and exit status 2 before anything is written; Keras is imported only once the
@@ -259,11 +265,11 @@ def add_generation_commands(cli: click.Group) -> None:
                   help="The data to evaluate on: a recipe (its data section) or data.KEY=VALUE overrides of the "
                        "run's data (repeatable; default: the run's eval split).")
     @click.option("--batches", type=click.IntRange(min=1), default=None, metavar="K",
-                  help="Batches from the start of the eval split (default: the run's eval.steps, or 10).")
+                  help="Stop after K batches (default: read every eval document to its end).")
     @click.option("--token-losses", type=click.Path(path_type=Path, dir_okay=False), default=None,
-                  metavar="OUT.npz", help="Write every token's loss (bits), id, position and scored flag.")
+                  metavar="OUT.npz", help="Write every token's loss (bits), id, scored flag and document starts.")
     @click.option("--report", "with_report", is_flag=True,
-                  help="Also write the long-range report (WORKDIR/report/eval_step_<N>/, the run's own data).")
+                  help="Also write the long-range report of these batches (WORKDIR/report/eval_step_<N>/).")
     @click.option("--backend", type=click.Choice(base.BACKENDS), default=None,
                   help="Keras backend (default: the run's, from its checkpoint).")
     @click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=base._set_debug,
@@ -271,11 +277,10 @@ def add_generation_commands(cli: click.Group) -> None:
     def eval_command(workdir, step, data, batches, token_losses, with_report, backend):
         """Evaluate WORKDIR's checkpoint on whole held-out documents, each from its start.
 
-        Streams K eval batches from the first document with empty caches, memories and states and prints
-        bits/token and bits/char, computed as the run's eval metric is.
+        Every batch slot reads eval documents from the first one, with empty caches, memories and states,
+        until the split is exhausted (or K batches with --batches); a slot with no document left is fed
+        padding, which is not scored. Prints bits/token and bits/char as the run's eval metric computes them.
         """
-        import yaml
-
         found = _checkpoint(workdir, step)
         recipe_map = found[1].get("recipe")
         if not isinstance(recipe_map, dict):
@@ -283,76 +288,175 @@ def add_generation_commands(cli: click.Group) -> None:
         if token_losses is not None and token_losses.suffix != ".npz":
             raise base.BadInput(f"--token-losses: got {str(token_losses)!r}, expected a file name ending in .npz")
         _choose_backend(backend, found[1].get("backend"))
-        from meliad_core import recipes
-        from meliad_core.config import RecipeError, validate_recipe
-
-        mapping = {**recipe_map, "data": dict(recipe_map["data"])}
-        for item in data:
-            if "=" in item:
-                key, _, value = item.partition("=")
-                key = key.strip()
-                parts = key.split(".")
-                if parts[0] != "data" or len(parts) < 2:
-                    raise base.BadInput(f"--data {item}: expected data.KEY=VALUE or a recipe")
-                node = mapping
-                for part in parts[:-1]:
-                    node[part] = dict(node.get(part) or {})
-                    node = node[part]
-                node[parts[-1]] = yaml.safe_load(value)
-            else:
-                mapping["data"] = dict(recipes.load_recipe(item).to_dict()["data"])
-        try:
-            recipe = validate_recipe(mapping)
-        except RecipeError as exc:
-            raise base.BadInput(f"--data: {exc}") from None
+        recipe = _eval_recipe(recipe_map, data)
         from meliad_core import checkpoint as ckpt
         from meliad_core.data import stream
-        from meliad_core.model import build_model, token_losses as losses_of
-        from meliad_core.units import LOG2E
+        from meliad_core.model import build_model
         from meliad_core.vocab import load_vocabulary
 
         vocabulary = load_vocabulary(recipe.data)
+        batches_of = stream(recipe, split="eval")
         model = build_model(recipe, vocab_size=recipe.model.vocab_size or vocabulary.vocab_size, streams=("eval",))
         try:
             ckpt.restore(model, None, found[1], found[2], weights_only=True)
         except ckpt.CheckpointError as exc:
             raise base.BadInput(str(exc)) from None
-        count = batches or recipe.eval.steps or 10
-        batches_of = stream(recipe, split="eval")
-        nats_total = chars = scored = 0.0
-        kept = {"bits": [], "tokens": [], "scored": [], "start_of_sequence": []}
-        with model.inference_stream("eval"):
-            for _ in range(count):
-                batch = next(batches_of)
-                logits = model.predict_on_batch({"tokens": batch["tokens"],
-                                                 "start_of_sequence": batch["start_of_sequence"]})
-                nats, valid, _ = losses_of(batch["tokens"], logits, model.loss_mask_ids)
-                nats = np.asarray(model_numpy(nats), np.float64)
-                valid = np.asarray(model_numpy(valid)) > 0
-                nats_total += float(nats[valid].sum())
-                scored += float(valid.sum())
-                chars += float(np.sum(batch["num_chars"]))
-                if token_losses is not None:
-                    kept["bits"].append((nats * LOG2E).astype(np.float32))
-                    kept["tokens"].append(np.asarray(batch["tokens"], np.int32))
-                    kept["scored"].append(valid)
-                    kept["start_of_sequence"].append(np.asarray(batch["start_of_sequence"], bool))
-        bits_token = nats_total * LOG2E / max(scored, 1.0)
-        bits_char = nats_total * LOG2E / max(chars, 1e-6)
+        result = evaluate_documents(model, batches_of, batches, keep=token_losses is not None or with_report)
         if token_losses is not None:
             token_losses.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(token_losses, **{key: np.stack(value) for key, value in kept.items()})
-        click.echo(f"eval of {found[0]} (step {found[1].get('step')}): {count} batches of "
-                   f"{recipe.data.batch_size} x {recipe.data.segment_length} tokens, {int(scored):,} scored tokens: "
-                   f"{bits_token:.4f} bits/token, {bits_char:.4f} bits/char")
+            np.savez(token_losses, **{key: result.kept[key] for key in TOKEN_LOSS_KEYS})
+        ending = ("every document read to its end" if result.exhausted
+                  else f"stopped at --batches {batches}, documents left unread")
+        click.echo(f"eval of {found[0]} (step {found[1].get('step')}) on {recipe.data.source!r} eval documents: "
+                   f"{result.batches} batches of {recipe.data.batch_size} x {recipe.data.segment_length} tokens, "
+                   f"{result.documents_complete} documents complete ({ending}), {int(result.scored):,} scored "
+                   f"tokens: {result.bits_per_token:.4f} bits/token, {result.bits_per_char:.4f} bits/char")
         if with_report:
-            from meliad_core import report
+            write_eval_report(workdir, found, recipe, result)
 
-            previous, report.REPORT_DIR = report.REPORT_DIR, f"{report.REPORT_DIR}/eval_step_{found[1].get('step')}"
-            try:
-                report.long_range_report(workdir, count, checkpoint=found)
-            finally:
-                report.REPORT_DIR = previous
+
+TOKEN_LOSS_KEYS = ("bits", "tokens", "scored", "start_of_sequence", "live")
+
+
+def _eval_recipe(recipe_map: dict, data_args):
+    """The run's recipe with its data section replaced by a recipe's (--data RECIPE) or overridden
+    (--data data.KEY=VALUE), validated; BadInput naming the bad key."""
+    import yaml
+
+    from meliad_core import recipes
+    from meliad_core.config import RecipeError, validate_recipe
+
+    base = _base()
+    mapping = {**recipe_map, "data": dict(recipe_map["data"])}
+    for item in data_args:
+        if "=" in item:
+            key, _, value = item.partition("=")
+            parts = key.strip().split(".")
+            if parts[0] != "data" or len(parts) < 2:
+                raise base.BadInput(f"--data {item}: expected data.KEY=VALUE or a recipe")
+            node = mapping
+            for part in parts[:-1]:
+                node[part] = dict(node.get(part) or {})
+                node = node[part]
+            node[parts[-1]] = yaml.safe_load(value)
+        else:
+            mapping["data"] = dict(recipes.load_recipe(item).to_dict()["data"])
+    try:
+        return validate_recipe(mapping)
+    except RecipeError as exc:
+        raise base.BadInput(f"--data: {exc}") from None
+
+
+class EvalResult:
+    """What `evaluate_documents` measured: sums over scored tokens, counts, and (keep=True) per-token arrays."""
+
+    def __init__(self):
+        self.nats = self.scored = self.chars = 0.0
+        self.batches = self.documents_started = self.documents_complete = 0
+        self.exhausted = False
+        self.kept: dict[str, np.ndarray] = {}
+
+    @property
+    def bits_per_token(self) -> float:
+        from meliad_core.units import LOG2E
+
+        return self.nats * LOG2E / max(self.scored, 1.0)
+
+    @property
+    def bits_per_char(self) -> float:
+        from meliad_core.units import LOG2E
+
+        return self.nats * LOG2E / max(self.chars, 1e-6)
+
+
+def evaluate_documents(model, batches, max_batches: int | None = None, keep: bool = False) -> EvalResult:
+    """Scores the eval documents of `batches` (a fresh BatchStream) on the model's eval stream.
+
+    A slot's documents are those of the stream's first epoch (its `epoch` 0): once a slot has run out
+    (the stream would hand it a document of the next epoch) it is fed padding (id 0, no document start,
+    no characters), which the loss never scores, and the pass ends when every slot has run out, or
+    after `max_batches`. Losses are the run's: `token_losses`, summed in float64.
+    """
+    from meliad_core.model import token_losses
+    from meliad_core.report import DocumentPositions
+    from meliad_core.units import LOG2E
+
+    result = EvalResult()
+    size, length = batches.batch_size, batches.segment_length
+    positions = DocumentPositions(size, length)
+    kept: dict[str, list] = {key: [] for key in (*TOKEN_LOSS_KEYS, "positions", "segments", "long_range")}
+    with model.inference_stream("eval"):
+        batch = next(batches)
+        while True:
+            live = np.asarray(batch["epoch"]) == 0
+            if not live.any():
+                result.exhausted = True
+                break
+            if max_batches is not None and result.batches >= max_batches:
+                break
+            tokens = np.where(live[:, None], batch["tokens"], 0).astype("int32")
+            start = np.asarray(batch["start_of_sequence"], bool) & live
+            slots = batches.get_state()["slots"]  # [epoch, position, segment, segments] after this batch
+            logits = model.predict_on_batch({"tokens": tokens, "start_of_sequence": start})
+            nats, valid, _ = token_losses(tokens, logits, model.loss_mask_ids)
+            nats = np.asarray(model_numpy(nats), np.float64)
+            valid = np.asarray(model_numpy(valid)) > 0
+            result.nats += float(nats[valid].sum())
+            result.scored += float(valid.sum())
+            result.chars += float(np.sum(np.where(live, batch["num_chars"], 0)))
+            result.batches += 1
+            result.documents_started += int(start.sum())
+            result.documents_complete += sum(1 for i, slot in enumerate(slots) if live[i] and slot[2] == slot[3])
+            where = positions.update(start)
+            if keep:
+                target_long = np.concatenate([batch["long_range"][:, 1:], np.zeros((size, 1), bool)], axis=1)
+                for key, value in (("bits", (nats * LOG2E).astype(np.float32)), ("tokens", tokens),
+                                   ("scored", valid), ("start_of_sequence", start), ("live", live),
+                                   ("positions", where), ("long_range", target_long & live[:, None]),
+                                   ("segments", np.broadcast_to(positions.segments[:, None], (size, length)))):
+                    kept[key].append(np.asarray(value))
+            batch = next(batches)  # read ahead: it says whether any document is left
+    if keep:
+        empty = {"bits": np.float32, "tokens": np.int32, "positions": np.int64, "segments": np.int64}
+        result.kept = {key: np.stack(value) if value else np.zeros((0, size, length), empty.get(key, bool))
+                       for key, value in kept.items()}
+    return result
+
+
+def write_eval_report(workdir: Path, found, recipe, result: EvalResult) -> dict:
+    """The long-range report (`meliad_core.report`) of an eval pass, on the data it read, written to
+    WORKDIR/report/eval_step_<N>/ (long_range.json, and the plot when matplotlib is installed)."""
+    import json
+
+    import keras
+
+    from meliad_core import report
+
+    kept = result.kept
+    scored = kept["scored"]
+    stats = report.summarize(kept["positions"][scored], kept["bits"][scored], kept["long_range"][scored],
+                             kept["segments"][scored], recipe.data.segment_length)
+    folder = workdir / report.REPORT_DIR / f"eval_step_{found[1].get('step')}"
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {"format": report.FORMAT, "workdir": str(workdir), "checkpoint": str(found[0]),
+           "step": int(found[1].get("step", 0)), "recipe": recipe.name, "backend": keras.backend.backend(),
+           "data": recipe.to_dict()["data"],
+           "batches": result.batches, "batch_size": recipe.data.batch_size,
+           "segment_length": recipe.data.segment_length, "window": recipe.attention.window,
+           "documents_started": result.documents_started, "documents_complete": result.documents_complete,
+           "all_documents": result.exhausted, **stats, "plot": None}
+    skipped = None
+    try:
+        out["plot"] = report.write_plot(out, folder / report.PNG_NAME)
+    except report.PlotUnavailable as exc:
+        skipped = str(exc)
+    report._atomic_write(folder / report.JSON_NAME, (json.dumps(out, indent=1) + "\n").encode())
+    lines = report.format_summary(out).splitlines()[:-1]  # its last line names the run's own report folder
+    written = [str(folder / report.JSON_NAME)] + ([out["plot"]["path"]] if out.get("plot") else [])
+    click.echo("\n".join(lines + ["  wrote " + " and ".join(written)]))
+    if skipped:
+        click.echo(f"meliad: note: {skipped}")
+    return out
 
 
 def model_numpy(x) -> np.ndarray:

@@ -53,7 +53,7 @@ def _checked(fn: Callable, results: Sequence[ResultSpec], name: str):
             if tuple(value.shape) != tuple(shape):
                 raise ValueError(f"host call {name!r} returned result {i} of shape {tuple(value.shape)}, "
                                  f"expected {tuple(shape)}")
-            checked.append(np.ascontiguousarray(value, dtype=np.dtype(dtype)))
+            checked.append(np.asarray(value, dtype=np.dtype(dtype), order="C"))  # keeps 0-d results 0-d
         return tuple(checked)
 
     return call

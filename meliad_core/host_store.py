@@ -22,7 +22,10 @@ configured object to get it):
     load_state(state)             the inverse, on a store that had `init`
 
 On each segment core calls, in this order and in the order of the steps: `reset` (if any row starts
-a document), `retrieve` (the memory as it was before this segment), `write`. Streams ("train",
+a document), `retrieve` (the memory as it was before this segment), `write`. Incremental decoding
+(`meliad_core.decoding`) makes the same calls one token at a time: `reset` at a segment's first token,
+`retrieve` with each token's queries (B, H, 1, D), and `write` with the whole segment's keys and
+values after its last token, so the store sees the writes of the segment path. Streams ("train",
 "eval", "predict", ...) are independent memories. `FifoRing` below keeps the raw keys and values
 of such a memory, for stores that want it.
 

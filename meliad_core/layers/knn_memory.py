@@ -12,7 +12,10 @@ State: {"memory_keys", "memory_values", "memory_index"} for a device store. A ho
 no state in the model's variables and, on each segment, makes one host call
 (`meliad_core.host_calls.host_call`) that resets the rows starting a document, retrieves the
 neighbours of the queries, and writes the segment's keys and values, in that order, in the memory
-of the stream it is told (`call(..., stream=)`).
+of the stream it is told (`call(..., stream=)`). Incremental decoding (`decode_step`) drives a host
+store one token at a time through two host calls: reset-and-retrieve with each token's queries, and
+the write of the whole segment when its last token has been decoded (keys and values wait in the
+decoding state until then), in the memory of the stream `decode_stream` names.
 """
 
 from __future__ import annotations
@@ -129,6 +132,7 @@ class KNNMemory(keras.layers.Layer):
         self.store = assemble.memory_store(store, self.store_options)
         self.host = is_host_store(self.store)
         self._host_store, self._host_batch = None, None
+        self.decode_stream: str | None = None  # the host memory incremental decoding reads and writes
 
     # -- host stores (meliad_core.host_store) --------------------------------------------------------
 
@@ -259,11 +263,10 @@ class KNNMemory(keras.layers.Layer):
     # -- incremental decoding (meliad_core.decoding) -------------------------------------------------
 
     def decode_spec(self, batch_size: int, segment_length: int) -> dict[str, tuple[tuple[int, ...], str]]:
-        """The memory itself, plus the keys and values of the segment being decoded (written when complete)."""
-        if self.host:
-            raise NotImplementedError(f"memory store {self.store_name!r} keeps its memory on the host; incremental "
-                                      "decoding supports device stores only (generate with a device store)")
-        pending = ((batch_size, self.num_heads, segment_length, self.head_dim), self.storage_dtype)
+        """The memory itself (a device store's; a host store keeps it), plus the keys and values of the
+        segment being decoded, written when the segment is complete."""
+        dtype = "float32" if self.host else self.storage_dtype  # host stores take float32
+        pending = ((batch_size, self.num_heads, segment_length, self.head_dim), dtype)
         return {**self.state_spec(batch_size), "pending_keys": pending, "pending_values": pending}
 
     def decode_step(self, q, k, v, y_local, state: dict, position, start, scale=None, attend_queries=None):
@@ -271,23 +274,38 @@ class KNNMemory(keras.layers.Layer):
 
         The token queries the memory as it was at the segment's start; its key and value wait in the
         pending buffer until the segment's last token, when the whole segment is written as `call` does.
+        A host store is driven through host calls in the same order as `call`'s: reset (a document's
+        first token) → retrieve (every token) → write (the segment's last token), in the memory of
+        the stream `decode_stream` (set by the Decoder; default "predict").
         """
-        key_db, value_db, index = state["memory_keys"], state["memory_values"], state["memory_index"]
         pending_k, pending_v = state["pending_keys"], state["pending_values"]
         n = pending_k.shape[2]
-        if self.reset_on_new_document:
-            key_db, value_db, index = ops.cond(
-                ops.logical_and(position == 0, ops.any(start)),
-                lambda: reset_rows(key_db, value_db, index, start), lambda: (key_db, value_db, index))
         pending_k = ops.slice_update(pending_k, (0, 0, position, 0), ops.cast(ops.transpose(k, (0, 2, 1, 3)),
                                                                               pending_k.dtype))
         pending_v = ops.slice_update(pending_v, (0, 0, position, 0), ops.cast(ops.transpose(v, (0, 2, 1, 3)),
                                                                               pending_v.dtype))
         q_t = ops.transpose(q, (0, 2, 1, 3))
-        r_keys, r_values = self.store.retrieve(key_db, value_db, filled_slots(index, self.size),
-                                               ops.cast(ops.stop_gradient(q_t), key_db.dtype), self.neighbors,
-                                               self.query_chunk)
-        retrieves = ops.cast(position % self.query_stride == 0, q_t.dtype)  # meliad's query stride
+        s = self.update_stride
+        retrieves = position % self.query_stride == 0  # meliad's query stride
+        if self.host:
+            r_keys, r_values = self._host_decode_lookup(q_t, position, start, retrieves)
+            self._host_decode_write(position == n - 1, pending_k[:, :, s - 1::s], pending_v[:, :, s - 1::s])
+            new_state = {}
+        else:
+            key_db, value_db, index = state["memory_keys"], state["memory_values"], state["memory_index"]
+            if self.reset_on_new_document:
+                key_db, value_db, index = ops.cond(
+                    ops.logical_and(position == 0, ops.any(start)),
+                    lambda: reset_rows(key_db, value_db, index, start), lambda: (key_db, value_db, index))
+            r_keys, r_values = self.store.retrieve(key_db, value_db, filled_slots(index, self.size),
+                                                   ops.cast(ops.stop_gradient(q_t), key_db.dtype), self.neighbors,
+                                                   self.query_chunk)
+            key_db, value_db, index = ops.cond(
+                position == n - 1,
+                lambda: write_segment(key_db, value_db, index, pending_k[:, :, s - 1::s], pending_v[:, :, s - 1::s]),
+                lambda: (key_db, value_db, index))
+            new_state = {"memory_keys": key_db, "memory_values": value_db, "memory_index": index}
+        retrieves = ops.cast(retrieves, q_t.dtype)
         r_keys, r_values = ops.cast(r_keys, q_t.dtype) * retrieves, ops.cast(r_values, q_t.dtype) * retrieves
         if attend_queries is not None:
             q_t = ops.transpose(attend_queries, (0, 2, 1, 3))
@@ -298,15 +316,46 @@ class KNNMemory(keras.layers.Layer):
             gate = gate * ops.transpose(ops.cast(ops.any(valid, axis=-1), gate.dtype)[..., None], (0, 2, 1, 3))
         else:
             y_memory = external_attention(q_t, r_keys, r_values, scale)
-        s = self.update_stride
-        key_db, value_db, index = ops.cond(
-            position == n - 1,
-            lambda: write_segment(key_db, value_db, index, pending_k[:, :, s - 1::s], pending_v[:, :, s - 1::s]),
-            lambda: (key_db, value_db, index))
-        new_state = {"memory_keys": key_db, "memory_values": value_db, "memory_index": index,
-                     "pending_keys": pending_k, "pending_values": pending_v}
+        new_state.update({"pending_keys": pending_k, "pending_values": pending_v})
         y_memory = ops.cast(ops.transpose(y_memory, (0, 2, 1, 3)), y_local.dtype)
         return y_local * (1.0 - gate) + y_memory * gate, new_state
+
+    def _host_decode_lookup(self, q_t, position, start, retrieves):
+        """Host call: reset the rows that start a document (at a segment's first token), then retrieve
+        the neighbours of this token's queries (zeros where the query stride skips it). (B, H, 1, k, D)."""
+        from meliad_core.host_calls import host_call
+
+        batch = q_t.shape[0] or self._host_batch
+        store, stream = self.host_store(batch), self.decode_stream or "predict"
+        shape = (batch, self.num_heads, 1, self.neighbors, self.head_dim)
+        reset, k = self.reset_on_new_document, self.neighbors
+
+        def lookup(starting, retrieve, queries):
+            rows = [int(r) for r in np.flatnonzero(starting)] if reset else []
+            if rows:
+                store.reset(stream, rows)
+            if not bool(retrieve):
+                return np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+            return store.retrieve(stream, queries, k)
+
+        starting = ops.logical_and(ops.reshape(ops.cast(start, "bool"), (-1,)), position == 0)
+        return host_call(lookup, [starting, retrieves, ops.cast(ops.stop_gradient(q_t), "float32")],
+                         [(shape, "float32"), (shape, "float32")], name=f"{self.name}_host_decode_lookup")
+
+    def _host_decode_write(self, complete, keys, values) -> None:
+        """Host call when `complete` (the segment's last token): write the segment's (B, H, n, D) keys and values."""
+        from meliad_core.host_calls import host_call
+
+        store, stream = self.host_store(keys.shape[0] or self._host_batch), self.decode_stream or "predict"
+
+        def write(keys, values):
+            store.write(stream, keys, values)
+            return np.zeros((), np.int32)
+
+        # the host call's result is unused: it runs for its effect (ordered on every backend)
+        ops.cond(complete, lambda: host_call(write, [keys, values], [((), "int32")],
+                                             name=f"{self.name}_host_decode_write")[0],
+                 lambda: ops.zeros((), "int32"))
 
 
 def host_memories(layer) -> list[KNNMemory]:
