@@ -1,10 +1,12 @@
 """Each fast attention kernel of this backend against the reference path: agreement and speed.
 
     KERAS_BACKEND=torch python benchmarks/kernels.py [--batch 8] [--segment 4096] [--window 512]
+    KERAS_BACKEND=tensorflow python benchmarks/kernels.py --kernels reference tf_xla   # also unavailable ones
 
 Inputs have the geometry of a sliding-window layer (G = segment/window blocks of W queries over 2W
 keys, T5 bias, learned scale, meliad's window mask). Times are medians over repeats of forward and of
-forward+backward, after warm-up.
+forward+backward, after warm-up, each compiled as inside a training step: jax.jit on JAX, tf.function
+(no XLA unless the kernel asks for it) on TensorFlow, eager on torch.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ def _sync(x):
             torch.cuda.synchronize()
     elif backend == "jax":
         x.block_until_ready()
+    elif backend == "tensorflow":
+        x.numpy()
     return x
 
 
@@ -44,7 +48,8 @@ def _timed(fn, repeats: int) -> float:
 
 
 def _forward(kernel, q, k, v, kwargs):
-    """The forward pass as timed: jitted on JAX (as inside a training step), eager elsewhere."""
+    """The forward pass as timed: jitted on JAX, in a tf.function on TensorFlow (as inside a training
+    step), eager on torch."""
     import keras
 
     if keras.backend.backend() == "jax":
@@ -52,11 +57,17 @@ def _forward(kernel, q, k, v, kwargs):
 
         fn = jax.jit(lambda q, k, v, kw: kernel.attend(q, k, v, **kw))
         return lambda: fn(q, k, v, kwargs)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        fn = tf.function(lambda q, k, v: kernel.attend(q, k, v, **kwargs))
+        return lambda: fn(q, k, v)
     return lambda: kernel.attend(q, k, v, **kwargs)
 
 
 def _fwd_bwd(kernel, q, k, v, kwargs):
-    """Forward and backward (gradients of q, k, v, bias and scale on JAX): torch eager, JAX jitted; None elsewhere."""
+    """Forward and backward (gradients of q, k, v, bias and scale; torch: of q, k, v): torch eager, JAX
+    jitted, TensorFlow in a tf.function."""
     import keras
 
     if keras.backend.backend() == "jax":
@@ -67,6 +78,17 @@ def _fwd_bwd(kernel, q, k, v, kwargs):
 
         grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
         return lambda: grad(q, k, v, kwargs["bias"], kwargs["scale"])[0]
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        @tf.function
+        def grads(q, k, v, bias, scale):
+            with tf.GradientTape() as tape:
+                tape.watch([q, k, v, bias, scale])
+                out = tf.reduce_sum(kernel.attend(q, k, v, bias=bias, mask=kwargs["mask"], scale=scale))
+            return tape.gradient(out, [q, k, v, bias, scale])[0]
+
+        return lambda: grads(q, k, v, kwargs["bias"], kwargs["scale"])
     if keras.backend.backend() != "torch":
         return None
     q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
@@ -87,6 +109,8 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--kernels", nargs="+", default=None,
+                        help="kernels to time, available here or not (default: those available)")
     args = parser.parse_args()
 
     import keras
@@ -99,10 +123,12 @@ def main() -> None:
 
     backend = keras.backend.backend()
     manager = get_plugin_manager()
-    names = [n for n in manager.names("attention_kernel")
-             if manager.get("attention_kernel", n).unavailable_reason(backend) is None]
+    names = args.kernels or [n for n in manager.names("attention_kernel")
+                             if manager.get("attention_kernel", n).unavailable_reason(backend) is None]
     print(f"command: KERAS_BACKEND={backend} python benchmarks/kernels.py {' '.join(sys.argv[1:])}")
-    print(f"machine: {machine()}; device in use: {accelerator_in_use()}")
+    with open("/proc/loadavg") as f:
+        load = " ".join(f.read().split()[:3])
+    print(f"machine: {machine()}; device in use: {accelerator_in_use()}; load at start {load}")
     b, w, h, d = args.batch, args.window, args.heads, args.head_dim
     g = args.segment // w
     rng = np.random.default_rng(0)
@@ -121,6 +147,9 @@ def main() -> None:
     expected = np.asarray(ops.convert_to_numpy(reference.attend(q, k, v, **kwargs)))
     rows = []
     for name in names:
+        reason = manager.get("attention_kernel", name).unavailable_reason(backend)
+        if reason:
+            print(f"{name}: not picked by auto here ({reason}); timed anyway")
         kernel = manager.get("attention_kernel", name).obj
         got = np.asarray(ops.convert_to_numpy(kernel.attend(q, k, v, **kwargs)))
         error = float(np.abs(got - expected).max())

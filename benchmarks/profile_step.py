@@ -11,8 +11,9 @@ is that part's share of a step (forward and backward):
     attention  every attention kernel call (local windows, recurrent self/cross attention) -> q + mean(v)
     retrieval  the memory store's kNN lookup -> zeros
     writes     the memory's FIFO write of the segment -> the memory unchanged
-    loss       the per-token cross-entropy over the vocabulary -> mean of the logits
-    metrics    the bits/accuracy trackers -> not updated
+    loss       the per-token cross-entropy over the vocabulary (once per step, for the loss and the
+               metrics) -> mean of the logits
+    metrics    the bits/accuracy trackers' updates (argmax included) -> none
     optimizer  the optimizer's update -> variables unchanged (gradients still computed and consumed)
 
 plus "forward" (predict_on_batch of the same model: the forward pass alone, with its host transfer)
@@ -79,9 +80,20 @@ def _switch_off(model, part: str, stack: contextlib.ExitStack) -> None:
                                                                                   index + keys.shape[2])
         stack.callback(setattr, knn_memory, "write_segment", original)
     elif part == "loss":
-        model.compute_loss = lambda x=None, y=None, y_pred=None, sample_weight=None, training=True: ops.mean(y_pred)
+        # the per-token cross-entropy (computed once per step, shared by the loss and the metrics)
+        from meliad_core import model as model_module
+
+        original_losses = model_module.token_losses
+
+        def free_losses(tokens, logits, loss_mask_ids=()):
+            nats = ops.mean(ops.cast(logits, "float32"), axis=-1)
+            valid = ops.ones_like(nats)
+            return nats, valid, ops.cast(tokens, "int32")
+
+        model_module.token_losses = free_losses
+        stack.callback(setattr, model_module, "token_losses", original_losses)
     elif part == "metrics":
-        model.compute_metrics = lambda x, y, y_pred, sample_weight=None: model.get_metrics_result()
+        model._update_token_metrics = lambda logits, nats, valid, targets: None
     elif part == "optimizer":
         backend = keras.backend.backend()
         opt = model.optimizer

@@ -16,7 +16,7 @@ import numpy as np
 from keras import ops
 
 from meliad_core import assemble
-from meliad_core.config import Recipe, validate_recipe
+from meliad_core.config import Recipe, RecipeError, validate_recipe
 from meliad_core.layers.knn_memory import host_memories
 from meliad_core.layers.stack import DecoderStack
 from meliad_core.units import LOG2E
@@ -43,6 +43,28 @@ def token_losses(tokens, logits, loss_mask_ids=()):
 
 
 DTYPE_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
+
+# torch's default for `train.compile: null`: eager. Measured on 2 CPU cores (tiny_test XL, 1x256): the
+# compiled step is ~2.5x faster, but compiling it takes minutes (570 s under load 18), once per
+# process and again on every resume, so it pays off only for runs of thousands of steps per process;
+# those set `train.compile: true`.
+TORCH_COMPILE_DEFAULT = False
+
+
+def compile_step(backend: str, compile: bool | None, host_store: bool = False) -> bool | str:
+    """Keras' `jit_compile` for a recipe's `train.compile` on `backend` (see MeliadLM.compile)."""
+    if backend == "jax":
+        return True
+    if backend == "tensorflow":
+        if host_store:
+            if compile:
+                raise RecipeError("train.compile: true, but a host memory store cannot run inside XLA on "
+                                  "TensorFlow; expected false or null with memory.store of this kind")
+            return False
+        return "auto" if compile is None else bool(compile)
+    if backend == "torch":
+        return TORCH_COMPILE_DEFAULT if compile is None else bool(compile)
+    return "auto" if compile is None else bool(compile)
 
 
 def _with_dtype_policy(dtype: str, make):
@@ -198,10 +220,21 @@ class MeliadLM(keras.Model):
             self._inference_stream = previous
 
     def compile(self, *args, jit_compile="auto", **kwargs):
-        """Keras' compile; with a host memory store on TensorFlow, "auto" means no XLA (tf.numpy_function,
-        the host call, cannot run inside XLA; Keras' "auto" would pick XLA on a GPU)."""
-        if jit_compile == "auto" and self._host_memories and keras.backend.backend() == "tensorflow":
-            jit_compile = False
+        """Keras' compile; `jit_compile="auto"` follows the recipe's `train.compile`.
+
+        What `train.compile` means on each backend (`compile_step` decides; an explicit `jit_compile`
+        argument wins over the recipe):
+          - jax: the step is always jit-compiled (XLA); true and null change nothing, and false is
+            ignored too (an un-jitted JAX step runs op by op, orders of magnitude slower).
+          - tensorflow: true = XLA (tf.function(jit_compile=True)), false = a tf.function without XLA,
+            null = Keras' "auto" (XLA on a GPU, not on CPU). A host memory store cannot run inside XLA
+            (its host call is tf.numpy_function): null then means no XLA, and true is an error.
+          - torch: true = torch.compile of the train/eval/predict step, false = eager, null =
+            TORCH_COMPILE_DEFAULT.
+        """
+        if jit_compile == "auto":
+            jit_compile = compile_step(keras.backend.backend(), self.recipe.train.compile,
+                                       host_store=bool(self._host_memories))
         return super().compile(*args, jit_compile=jit_compile, **kwargs)
 
     def evaluate(self, *args, **kwargs):
@@ -229,20 +262,36 @@ class MeliadLM(keras.Model):
     # -- loss and metrics ------------------------------------------------------------------------
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        nats, valid, _ = token_losses(self._tokens(x), y_pred, self.loss_mask_ids)
+        """The loss of a segment; it also updates the metrics, from the same per-token nats.
+
+        The cross-entropy over the vocabulary is computed once per step, here: every backend's train and
+        test step call compute_loss and then compute_metrics on the same predictions, so the trackers
+        are updated here (on JAX inside the differentiated function, whose metric variables Keras
+        carries out) and compute_metrics, seeing `_metrics_pending`, only reads them.
+        """
+        nats, valid, targets = token_losses(self._tokens(x), y_pred, self.loss_mask_ids)
+        self._update_token_metrics(y_pred, ops.stop_gradient(nats), valid, targets)
+        self._metrics_pending = True
         total = ops.sum(nats)
         if self.recipe.train.loss_reduction == "mean":
             total = total / ops.maximum(ops.sum(valid), 1.0)
         return total
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
-        nats, valid, targets = token_losses(self._tokens(x), y_pred, self.loss_mask_ids)
-        correct = ops.cast(ops.equal(ops.cast(ops.argmax(y_pred, axis=-1), "int32"), targets), "float32")
+        """The metrics' results; computed here only when compute_loss did not just update them."""
+        if getattr(self, "_metrics_pending", False):
+            self._metrics_pending = False
+        else:
+            nats, valid, targets = token_losses(self._tokens(x), y_pred, self.loss_mask_ids)
+            self._update_token_metrics(y_pred, nats, valid, targets)
+        return self.get_metrics_result()
+
+    def _update_token_metrics(self, logits, nats, valid, targets) -> None:
+        correct = ops.cast(ops.equal(ops.cast(ops.argmax(logits, axis=-1), "int32"), targets), "float32")
         self.nats_tracker.update_state(nats, sample_weight=valid)
         self.bits_tracker.update_state(nats * LOG2E, sample_weight=valid)
         self.accuracy_tracker.update_state(correct, sample_weight=valid)
         self.scored_tracker.update_state(ops.sum(valid))
-        return self.get_metrics_result()
 
     def non_embedding_parameter_count(self) -> int:
         embedding = int(np.prod(self.stack.embedding.shape))

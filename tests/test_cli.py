@@ -246,7 +246,9 @@ def test_third_party_plugin_in_plugins_recipes_and_recipe_show(example_dir, brok
     assert proc.returncode == 0, proc.stderr
     assert ["example_memory", "meliad-example-memory", "0.3.0"] in plugin_table(proc.stdout)
     row = next(line.split() for line in proc.stdout.splitlines() if "example_recent" in line)
-    assert row == ["memory_store", "example_recent", "meliad-example-memory", "0.3.0", "all", "available"]
+    # its declared option is listed with its default
+    assert row == ["memory_store", "example_recent", "meliad-example-memory", "0.3.0", "all", "newest_first=True",
+                   "available"]
     failures = proc.stdout.split("Failures:\n", 1)[1].splitlines()
     assert failures[0].split() == ["PLUGIN", "DISTRIBUTION", "STAGE", "ERROR"]
     assert failures[1].split(None, 3) == ["broken_import", "meliad-broken-import", "import",

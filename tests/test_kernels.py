@@ -136,3 +136,88 @@ def test_jax_dpa_with_dropout_mask_runs_the_reference_and_auto_skips_it_on_cpu()
 def test_model_with_jax_dpa_equals_reference_model(monkeypatch):
     monkeypatch.setenv("MELIAD_JAX_DPA_ON_CPU", "1")
     test_model_with_kernel_equals_reference_model("jax_dpa", "xl")
+
+
+# tf_xla is registered but not available on CPU (slower there), so the parametrised tests above skip it
+# on CPU; these test the kernel object itself wherever the backend is TensorFlow, inside a tf.function as
+# in a training step.
+def _tf_forward_and_gradients(attend, q, k, v, kwargs):
+    import tensorflow as tf
+
+    kwargs = dict(kwargs)
+    bias, scale = kwargs.pop("bias", None), kwargs.pop("scale", None)
+    out_weights = tf.constant(np.linspace(-1, 1, q.size).reshape(q.shape).astype("float32"))
+    inputs = [tf.constant(x) for x in (q, k, v, bias, scale) if x is not None]
+
+    @tf.function
+    def run(*inputs):
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            q, k, v, *rest = inputs
+            extra = dict(zip([n for n, x in (("bias", bias), ("scale", scale)) if x is not None], rest))
+            out = attend(q, k, v, **extra, **kwargs)
+            total = tf.reduce_sum(out * out_weights)
+        return out, tape.gradient(total, inputs)
+
+    out, grads = run(*inputs)
+    return out.numpy(), [g.numpy() for g in grads]
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf_xla serves the tensorflow backend only")
+@pytest.mark.parametrize("case", CASES + ["window_with_dropout"])
+def test_tf_xla_forward_and_gradients_equal_reference(case):
+    from meliad_tensorflow.attention import TFXLAAttention
+
+    q, k, v, kwargs = _case(case.replace("_with_dropout", ""), *_inputs(np.random.default_rng(8)))
+    if case.endswith("_with_dropout"):  # the layer's own (H, Q, K) multiplier: the reference's pattern exactly
+        keep = np.random.default_rng(9).uniform(size=(2, 4, 8)) > 0.3
+        kwargs["dropout_mask"] = keep.astype("float32") / 0.7
+    got, g_fast = _tf_forward_and_gradients(TFXLAAttention().attend, q, k, v, kwargs)
+    expected, g_ref = _tf_forward_and_gradients(reference_attend, q, k, v, kwargs)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    if case == "no_cache_with_empty_row":
+        assert not got[:, :, 0].any()
+    assert len(g_fast) == len(g_ref)
+    for a, b in zip(g_fast, g_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf_xla serves the tensorflow backend only")
+def test_tf_xla_is_picked_by_auto_only_off_cpu(monkeypatch):
+    import tensorflow as tf
+
+    from meliad_core.assemble import attention_kernel
+
+    entry = MANAGER.get("attention_kernel", "tf_xla")
+    on_gpu = bool(tf.config.list_physical_devices("GPU"))
+    assert (entry.unavailable_reason("tensorflow") is None) == on_gpu
+    assert entry.unavailable_reason("jax") is not None
+    assert attention_kernel("auto", backend="tensorflow").name == ("tf_xla" if on_gpu else "reference")
+    monkeypatch.setenv("MELIAD_TF_XLA_ON_CPU", "1")
+    assert entry.unavailable_reason("tensorflow") is None
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf_xla serves the tensorflow backend only")
+@pytest.mark.parametrize("arch", ["xl", "recurrent"])
+def test_model_with_tf_xla_equals_reference_model(monkeypatch, arch):
+    monkeypatch.setenv("MELIAD_TF_XLA_ON_CPU", "1")
+    test_model_with_kernel_equals_reference_model("tf_xla", arch)
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf_xla serves the tensorflow backend only")
+def test_training_step_with_tf_xla_and_attention_dropout_equals_reference(monkeypatch):
+    """A compiled train step with attn_dropout > 0: the same weights after a step (same dropout draws)."""
+    monkeypatch.setenv("MELIAD_TF_XLA_ON_CPU", "1")
+    models = []
+    for kernel in ("reference", "tf_xla"):
+        keras.utils.set_random_seed(11)
+        model = make_model(tiny_recipe("xl", attention={"kernel": kernel}, model={"attn_dropout": 0.3}))
+        randomize_weights(model, seed=3)
+        model.compile(optimizer=keras.optimizers.SGD(0.1))
+        tokens = np.random.default_rng(4).integers(1, 50, size=(2, 8)).astype("int32")
+        logs = model.train_on_batch(segment_batch(tokens, True), return_dict=True)
+        models.append((model, logs))
+    (reference, ref_logs), (fast, fast_logs) = models
+    assert fast_logs["loss"] == pytest.approx(ref_logs["loss"], rel=1e-5)
+    for a, b in zip(fast.trainable_weights, reference.trainable_weights):
+        np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=1e-4, atol=1e-5, err_msg=a.path)
