@@ -151,10 +151,12 @@ class TransformerBlock(keras.layers.Layer):
         return (self._queries(xn, self.w_q), l2_normalize(k) if self.normalize_keys else k,
                 split_heads(ops.matmul(xn, self.w_v), h, d))
 
-    def _output(self, x, y, training: bool = False):
-        """x + concat_heads(y)·Wo, then the FFN residual (dropout only when training)."""
+    def _output(self, x, y, training: bool = False, decoding: bool = False):
+        """x + concat_heads(y)·Wo, then the FFN residual (dropout only when training). Decoding calls
+        the norm's `call` directly: Keras' layer-call machinery costs ~10% of an eager torch token."""
         hidden = x + dense(merge_heads(y), self.w_out, self.b_out)
-        ffn = dense(ACTIVATIONS[self.mlp_activation](dense(self.pre_ffn_norm(hidden), self.w_1, self.b_1)),
+        normed = self.pre_ffn_norm.call(hidden) if decoding else self.pre_ffn_norm(hidden)
+        ffn = dense(ACTIVATIONS[self.mlp_activation](dense(normed, self.w_1, self.b_1)),
                     self.w_2, self.b_2)
         return hidden + tiled_dropout(ffn, self.dropout, self.seed_generator, training)
 
@@ -191,7 +193,7 @@ class TransformerBlock(keras.layers.Layer):
         """One token x (B, 1, E) at `position` of its segment and `index` of its window (int scalar
         tensors); start (B,) bool, rows starting a document with it. The recurrent state must have had
         `recurrence.decode_begin` this step. Returns (y (B, 1, E), new_state), equal to `call`'s row."""
-        xn = self.pre_attn_norm(x)
+        xn = self.pre_attn_norm.call(x)  # see _output
         q, k, v = self._qkv(xn)
         y, attention_state, (kw, vw, q_used) = self.attention.decode_step(q, k, v, state, index, start,
                                                                           scale=self.scale)
@@ -211,4 +213,4 @@ class TransformerBlock(keras.layers.Layer):
             y_cross = self.attention.kernel.attend(q2, ops.cast(fk, q2.dtype)[:, None],
                                                    ops.cast(fv, q2.dtype)[:, None], scale=self.scale2)
             y = ops.concatenate([y, y_cross[:, 0]], axis=2)
-        return self._output(x, y), new_state
+        return self._output(x, y, decoding=True), new_state

@@ -109,10 +109,11 @@ class DecoderStack(keras.layers.Layer):
                 x, per_layer[i] = block(x, per_layer[i], start_of_sequence, training=training, stream=stream)
         return self._logits(x, training), self._merge_state(per_layer)
 
-    def _logits(self, x, training: bool = False):
-        """Final norm, final dropout, final MLP, then the tied embedding divided by the logit scale."""
+    def _logits(self, x, training: bool = False, decoding: bool = False):
+        """Final norm, final dropout, final MLP, then the tied embedding divided by the logit scale.
+        Decoding calls the norm's `call` directly (Keras' layer-call overhead, see TransformerBlock._output)."""
         if self.final_norm is not None:
-            x = self.final_norm(x)
+            x = self.final_norm.call(x) if decoding else self.final_norm(x)
         y = tiled_dropout(x, self.final_dropout, self.seed_generator, training)
         if self.final_mlp is not None:
             y = self.final_mlp(y)
@@ -189,7 +190,7 @@ class DecoderStack(keras.layers.Layer):
         for i, block in enumerate(self.blocks):
             extra = {"feedback_kv": feedback_kv} if self.feedback and i != self.recurrent_index else {}
             x, per_layer[i] = block.decode_step(x, per_layer[i], block_position, index, start, **extra)
-        return self._logits(x), self._merge_state(per_layer)
+        return self._logits(x, decoding=True), self._merge_state(per_layer)
 
 
 @keras.saving.register_keras_serializable(package="meliad")
