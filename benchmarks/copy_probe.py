@@ -1,6 +1,6 @@
 """Has a model trained on the synthetic ledgers learned to copy a fact's value? Bits/token on every
 mention of a value, by kind of mention: where it is stated (nothing to copy yet), each near read-back
-(`data.options.near_recalls`: the statement is within a local window's reach) and the far recalls
+(`data.options.near_recalls`: a few sentences after the statement, within a local window's reach) and the far recalls
 (the long-range tokens: beyond the window). The first character of a value is reported apart from the
 rest, because only the first one needs the name to be matched; the rest can follow the first.
 
@@ -47,11 +47,11 @@ def documents(losses: dict) -> list[tuple[str, np.ndarray, np.ndarray]]:
 
 
 def mention_kind(text: str, at: int) -> str:
-    line = text[text.rfind("\n", 0, at) + 1:]
-    if line.startswith("These facts"):
+    sentence_start = max(text.rfind(". ", 0, at) + 2, text.rfind("\n", 0, at) + 1)
+    if text.startswith("Read back", sentence_start):
+        return "read-back"
+    if text.startswith("These facts", text.rfind("\n", 0, at) + 1):
         return "stated"
-    if line.startswith("Read back"):
-        return f"read-back {text.count('Read back', 0, at)}"
     return "far recall"
 
 
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print("| mention | first character, bits | tokens | rest of the value, bits | tokens |")
     print("|---|---|---|---|---|")
-    order = sorted(table, key=lambda k: (k != "stated", k == "far recall", k))
+    order = [kind for kind in ("stated", "read-back", "far recall") if kind in table]
     for kind in order:
         (first, n_first), (rest, n_rest) = table[kind]["first"], table[kind]["rest"]
         print(f"| {kind} | {first:.3f} | {n_first} | {rest:.3f} | {n_rest} |")

@@ -171,8 +171,9 @@ def test_copy_probe_finds_every_kind_of_mention():
     losses = {"tokens": ids.reshape(k, 1, n), "bits": bits.reshape(k, 1, n),
               "scored": (ids > 0).reshape(k, 1, n), "start_of_sequence": np.eye(k, 1, dtype=bool)}
     table = probe.copy_table(losses)
-    assert set(table) == {"stated", "read-back 1", "read-back 2", "far recall"}
-    assert table["read-back 1"]["rest"][0] == 1.0 and table["read-back 2"]["first"][0] == 1.0
+    assert set(table) == {"stated", "read-back", "far recall"}
+    assert table["read-back"]["rest"][0] == 1.0 and table["read-back"]["first"][0] == 1.0
+    assert table["read-back"]["first"][1] == 3 * 2  # two read-backs after each of the three statements
     assert table["stated"]["first"][0] == 5.0
     far_chars = sum(end - start for start, end in doc.long_range_spans)
     assert table["far recall"]["first"][1] + table["far recall"]["rest"][1] == far_chars

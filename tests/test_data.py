@@ -348,19 +348,20 @@ def test_synthetic_near_read_backs_are_local_untagged_and_change_nothing_else(in
     plain = SyntheticLedgers("train", 4, document_length=3000, min_recall_distance=600)[index]
     doc = SyntheticLedgers("train", 4, document_length=3000, min_recall_distance=600, near_recalls=2)[index]
     text = doc.text
-    stated = dict(re.findall(r"The code of (\w+) is ([A-Z]{2}-\d{4})\.", plain.text[:plain.text.index("\n", 40)]))
+    facts_end = text.index("\n", text.index("These facts"))
+    stated = dict(re.findall(r"The code of (\w+) is ([A-Z]{2}-\d{4})\.", plain.text))
     stated.update(re.findall(r"(\w+) lives in (\w+)\.", plain.text[:plain.text.index("\n", 40)]))
-    backs = re.findall(r"Read back:([^\n]*)\n", text)
-    assert len(backs) == 2
-    for line in backs:  # every fact once per read-back, with its stated value
-        said = dict(re.findall(r"code of (\w+) is ([A-Z]{2}-\d{4})\.", line))
-        said.update(re.findall(r"(\w+) still lives in (\w+)\.", line))
-        assert said == stated
-    last_back = text.index("\n", text.rindex("Read back:"))
-    for start, end in doc.long_range_spans:  # far recalls stay tagged and far from every mention
-        assert start > last_back
+    statements = re.findall(r"\. (?:The code of \w+ is|\w+ lives in) ", text[:facts_end])  # not read-backs
+    backs = list(re.finditer(r"Read back: (?:the code of (\w+) is ([A-Z]{2}-\d{4})|(\w+) still lives in (\w+))\.",
+                             text[:facts_end]))
+    assert len(backs) == 2 * len(statements) == 2 * 6  # two after each statement
+    for m in backs:  # a fact already stated, with its stated value, a few sentences later
+        name, value = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+        assert stated[name] == value
+        assert 0 < m.start() - text.rindex(value, 0, m.start()) < 400
+    for start, end in doc.long_range_spans:  # far recalls stay tagged, after the facts, far from every mention
+        assert start > facts_end
         assert start - text.rfind(text[start:end], 0, start) >= 600
-    assert not any(s < last_back for s, _ in doc.long_range_spans)  # read-backs are not long-range
     assert "Read back" not in plain.text
     assert plain.text == SyntheticLedgers("train", 4, document_length=3000, min_recall_distance=600,
                                           near_recalls=0)[index].text

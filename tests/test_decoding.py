@@ -57,10 +57,8 @@ def segment_logits(model, tokens, starts):
     return np.stack([to_numpy(model({"tokens": t, "start_of_sequence": s})) for t, s in zip(tokens, starts)])
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_teacher_forced_decoding_equals_segments(case):
-    model = make_model(CASES[case], streams=("predict",))
-    randomize_weights(model, seed=3)
+def assert_teacher_forcing_equals_segments(model, label: str) -> None:
+    """Every token stepped through the decoder gives the logits of the segment path (1e-5 relative)."""
     tokens, starts = text_and_starts(model)
     expected = segment_logits(model, tokens, starts)
     decoder = model.decoder()
@@ -69,7 +67,14 @@ def test_teacher_forced_decoding_equals_segments(case):
         for p in range(model.segment_length):
             logits = decoder.step(tokens[s, :, p], starts[s] if p == 0 else None)
             error = relative_error(logits, expected[s, :, p])
-            assert error <= 1e-5, f"{case}: segment {s} position {p}: relative error {error:.2e}"
+            assert error <= 1e-5, f"{label}: segment {s} position {p}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_teacher_forced_decoding_equals_segments(case):
+    model = make_model(CASES[case], streams=("predict",))
+    randomize_weights(model, seed=3)
+    assert_teacher_forcing_equals_segments(model, case)
 
 
 def test_decoder_state_converts_to_and_from_the_stream():

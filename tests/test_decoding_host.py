@@ -12,7 +12,7 @@ import pytest
 from meliad_core import plugins
 from model_helpers import make_model, randomize_weights, tiny_recipe, to_numpy
 from plugin_dists import make_distribution
-from test_decoding import NUM_SEGMENTS, relative_error, segment_logits, text_and_starts
+from test_decoding import assert_teacher_forcing_equals_segments, relative_error, segment_logits, text_and_starts
 
 RESET_FREE = 3  # the first three segments hold no document reset (text_and_starts resets row 0 at segment 3)
 HOST = tiny_recipe("memory", memory={"layers": [-1], "size": 16, "neighbors": 4, "store": "exact_host"})
@@ -121,13 +121,4 @@ def test_teacher_forced_decoding_with_hnsw_equals_segments(hnsw_plugin):
     query finds in the segment path, so the logits match as for the exact stores."""
     recipe = tiny_recipe("memory", memory={"layers": [-1], "size": 16, "neighbors": 4, "store": "hnsw",
                                            "options": {"threads": 1, "blocks": 2}})
-    model = host_model(recipe)
-    tokens, starts = text_and_starts(model)
-    expected = segment_logits(model, tokens, starts)
-    decoder = model.decoder()
-    decoder.reset()
-    for s in range(NUM_SEGMENTS):
-        for p in range(model.segment_length):
-            logits = decoder.step(tokens[s, :, p], starts[s] if p == 0 else None)
-            error = relative_error(logits, expected[s, :, p])
-            assert error <= 1e-5, f"hnsw: segment {s} position {p}: relative error {error:.2e}"
+    assert_teacher_forcing_equals_segments(host_model(recipe), "hnsw")

@@ -21,10 +21,10 @@ HERE = Path(__file__).parent
 ON_JAX = os.environ.get("KERAS_BACKEND") == "jax"
 
 
-@pytest.mark.skipif(not ON_JAX, reason="multi-device training is JAX's (the jax env runs it)")
-@pytest.mark.parametrize("arch", ["xl", "memory", "recurrent"])
-def test_eight_devices_train_like_one_with_state_sharded_by_row(arch):
-    proc = subprocess.run([sys.executable, str(HERE / "distributed_run.py"), arch, "8", "20"],
+def distributed_like_one(*args: str) -> tuple[dict, dict]:
+    """Runs tests/distributed_run.py ARCH DEVICES STEPS [MODEL_AXIS]; asserts the many-device run trained
+    with the one-device metrics (1e-5 relative) and weight movement; returns both runs' records."""
+    proc = subprocess.run([sys.executable, str(HERE / "distributed_run.py"), *args],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -32,6 +32,13 @@ def test_eight_devices_train_like_one_with_state_sharded_by_row(arch):
     for key, value in one["metrics"].items():
         assert abs(many["metrics"][key] - value) <= 1e-5 * max(abs(value), 1e-6), (key, value, many["metrics"][key])
     assert one["moved"] > 1e-3 and abs(many["moved"] - one["moved"]) <= 1e-4 * one["moved"]  # weights trained
+    return one, many
+
+
+@pytest.mark.skipif(not ON_JAX, reason="multi-device training is JAX's (the jax env runs it)")
+@pytest.mark.parametrize("arch", ["xl", "memory", "recurrent"])
+def test_eight_devices_train_like_one_with_state_sharded_by_row(arch):
+    one, many = distributed_like_one(arch, "8", "20")
     for key, shards in many["state"].items():  # each device holds exactly its 1/8 of every state variable
         assert len(shards) == 8 and all(shape[0] == 1 for shape in shards), (key, shards)
         assert all(shape[1:] == one["state"][key][0][1:] for shape in shards)
@@ -48,14 +55,7 @@ SPLIT = {"embedding": 1, "queries": 1, "queries2": 1, "keys": 1, "values": 1, "f
 def test_model_parallel_trains_like_one_device_with_weights_split():
     """8 devices as 4 batch x 2 model: the big weights are split in two, the state by batch row (2 rows per
     replica), and the numbers are those of one device."""
-    proc = subprocess.run([sys.executable, str(HERE / "distributed_run.py"), "recurrent", "8", "10", "2"],
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    one, many = result["one"], result["many"]
-    for key, value in one["metrics"].items():
-        assert abs(many["metrics"][key] - value) <= 1e-5 * max(abs(value), 1e-6), (key, value, many["metrics"][key])
-    assert one["moved"] > 1e-3 and abs(many["moved"] - one["moved"]) <= 1e-4 * one["moved"]
+    one, many = distributed_like_one("recurrent", "8", "10", "2")
     split = 0
     for path, shards in many["weights"].items():
         full = one["weights"][path][0]

@@ -85,7 +85,7 @@ def _bad_values(dotted: str, tp, optional: bool, choices) -> list:
         values = ["abc", True, [1.0], {"a": 1}, math.nan, math.inf]
         values += [] if dotted in NEGATIVE_OK else [-1.0]
     elif tp is bool:
-        values = ["maybe", 1, [True], None]
+        values = ["maybe", 1, [True]] + ([] if optional else [None])  # null is a value of an optional key
     elif tp is str:
         values = [3, [1], {"a": 1}]
         values += ["bogus_choice"] if choices else []

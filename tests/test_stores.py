@@ -83,21 +83,10 @@ def _exact_numpy(key_db, value_db, filled, queries, k):
     return gk, gv
 
 
-@pytest.mark.parametrize("query_chunk", [0, 2])
-def test_exact_equals_numpy_top_k(query_chunk):
-    rng = np.random.default_rng(3)
-    key_db, value_db, filled, queries = _memory(rng, written=[32, 5])
-    filled[0, ::3] = False  # any set of filled slots, not only a prefix
-    rk, rv = ExactStore().retrieve(key_db, value_db, filled, queries, num_neighbors=8, query_chunk=query_chunk)
-    ek, ev = _exact_numpy(key_db, value_db, filled, queries, 8)
-    np.testing.assert_allclose(to_numpy(rk), ek, atol=1e-6)
-    np.testing.assert_allclose(to_numpy(rv), ev, atol=1e-6)
-    assert np.count_nonzero(to_numpy(rv)[1].any(axis=-1)) == 3 * 6 * 5  # row 1: 5 neighbours, 3 zero rows
-
-
-@pytest.mark.parametrize("query_chunk", [0, 2])
-def test_jax_approx_equals_numpy_top_k_off_tpu(query_chunk):
-    """`jax_approx` (backends/meliad_jax) off TPU: approx_max_k's exact fallback gives numpy's top-k."""
+def _top_k_store(name: str):
+    """`exact`, or `jax_approx` (backends/meliad_jax) off TPU, where approx_max_k's exact fallback runs."""
+    if name == "exact":
+        return ExactStore()
     import keras
 
     if keras.backend.backend() != "jax":
@@ -108,10 +97,16 @@ def test_jax_approx_equals_numpy_top_k_off_tpu(query_chunk):
         pytest.skip("approximate on TPU")
     from meliad_jax.approx_store import ApproxMaxKStore
 
+    return ApproxMaxKStore()
+
+
+@pytest.mark.parametrize("store", ["exact", "jax_approx"])
+@pytest.mark.parametrize("query_chunk", [0, 2])
+def test_top_k_stores_equal_numpy_top_k(store, query_chunk):
     rng = np.random.default_rng(3)
     key_db, value_db, filled, queries = _memory(rng, written=[32, 5])
     filled[0, ::3] = False  # any set of filled slots, not only a prefix
-    rk, rv = ApproxMaxKStore().retrieve(key_db, value_db, filled, queries, num_neighbors=8, query_chunk=query_chunk)
+    rk, rv = _top_k_store(store).retrieve(key_db, value_db, filled, queries, num_neighbors=8, query_chunk=query_chunk)
     ek, ev = _exact_numpy(key_db, value_db, filled, queries, 8)
     np.testing.assert_allclose(to_numpy(rk), ek, atol=1e-6)
     np.testing.assert_allclose(to_numpy(rv), ev, atol=1e-6)

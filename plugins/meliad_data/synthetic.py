@@ -21,11 +21,12 @@ Options (`data.options`):
     num_facts            facts stated per document (6)
     recalls_per_fact     times each fact is asked for again (2)
     min_recall_distance  characters between a fact's mention and its recall (512)
-    near_recalls         beyond meliad: times the facts paragraph is read back at once, in a shuffled
-                         order, right after it is written (0). These read-backs are within a local
-                         window's reach and are *not* tagged long-range: they let every model learn to
-                         copy a value from its name locally, which the memory and the recurrent state
-                         can then apply to the far recalls (docs/long_range.md)
+    near_recalls         beyond meliad: after each fact is stated, this many facts stated so far (drawn
+                         at random) are read back at once ("Read back: the code of ... is ...") (0).
+                         These read-backs are within a local window's reach (a few sentences back) and
+                         are *not* tagged long-range: they let every model learn to copy a value by its
+                         name locally, which the memory and the recurrent state can then apply to the
+                         far recalls (docs/long_range.md)
     corpus_seed          which corpus (0)
 """
 
@@ -161,15 +162,13 @@ class SyntheticLedgers(collections.abc.Sequence):
             add(" ")
             at = add(statement)
             last_mention[f] = at + statement.index(value)
-        add("\n")
-        for _ in range(self.near_recalls):
-            add("Read back:")
-            for f in rng.sample(range(len(facts)), len(facts)):
-                _, template, value = facts[f]
-                add(f" {template[0].upper()}{template[1:]}")
-                last_mention[f] = add(value)
+            for _ in range(self.near_recalls):
+                g = rng.randrange(f + 1)
+                _, template, value = facts[g]
+                add(f" Read back: {template}")
+                last_mention[g] = add(value)
                 add(".")
-            add("\n")
+        add("\n")
         facts_end = length
         distance = self.min_recall_distance
         end = max(self.document_length, facts_end + distance)
