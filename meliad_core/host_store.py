@@ -133,7 +133,8 @@ class FifoRing:
 
 
 def top_k_rows(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest scores along the last axis, best first, ties to the lowest index."""
+    """Indices of the k largest scores along the last axis, best first; ties among the chosen k go to the
+    lowest index (a tie at the k-th score may keep either index: argpartition)."""
     m = scores.shape[-1]
     k = min(k, m)
     if k < m:

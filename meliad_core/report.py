@@ -204,7 +204,7 @@ def long_range_report(workdir, batches: int | None = None, out=None, *, bucket_w
             documents += int(np.count_nonzero(batch["start_of_sequence"]))
             # the model's own traced inference function on its eval stream (the model keeps no other)
             logits = model.predict_on_batch(_model_inputs(batch))
-            nats, valid, _ = token_losses(batch["tokens"], logits)
+            nats, valid, _ = token_losses(batch["tokens"], logits, model.loss_mask_ids)  # as the eval metric
             nats = np.asarray(keras.ops.convert_to_numpy(nats), dtype=np.float64)
             valid = np.asarray(keras.ops.convert_to_numpy(valid)) > 0
             # position j predicts token j + 1: its long-range flag is the next token's

@@ -618,7 +618,8 @@ def _run(recipe: Recipe, workdir: Path, data: PreparedData, load_dir, out, exten
             _check_files(workdir)
     resumed = None if restart and not chief else \
         ckpt.latest_valid_checkpoint(workdir, warn=_warn if chief else lambda _: None, check=_check_manifest)
-    damaged = ckpt.list_checkpoints(workdir) if resumed is None else []
+    # with --restart the chief has set every checkpoint aside; the other hosts must not list them meanwhile
+    damaged = ckpt.list_checkpoints(workdir) if resumed is None and not restart else []
     if damaged:
         raise RunFault(f"{workdir}: none of its {len(damaged)} checkpoint(s) is intact (see the warnings), so "
                        "nothing was changed; --restart moves the run's files aside and starts again from step 0")

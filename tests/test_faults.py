@@ -32,6 +32,7 @@ from meliad_core import checkpoint as ckpt
 from meliad_core import cli, plugins, runner
 from meliad_core.config import validate_recipe
 from model_helpers import metrics_rows
+from test_training import run_recipe
 
 BACKEND = keras.backend.backend()
 jax_only = pytest.mark.skipif(BACKEND != "jax", reason="slow: runs on the jax environment only")
@@ -39,17 +40,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def fault_recipe(steps: int = 6, **train) -> dict:
-    return {
-        "name": "faults",
-        "model": {"num_layers": 2, "embed_dim": 32, "num_heads": 2, "head_dim": 16, "mlp_dim": 64,
-                  "dropout": 0.1, "attn_dropout": 0.1},
-        "attention": {"window": 16},
-        "data": {"segment_length": 32, "batch_size": 2,
-                 "options": {"num_documents": 8, "num_eval_documents": 4, "document_length": 1500}},
-        "train": {"steps": steps, "warmup": 2, "checkpoint_every": 3, "log_every": 2, "keep_checkpoints": 100,
-                  **train},
-        "eval": {"every": 4, "steps": 1},
-    }
+    """test_training's tiny run with checkpoints every 3 steps, all kept, and a one-batch eval."""
+    recipe = run_recipe(steps, **{"warmup": 2, "checkpoint_every": 3, "keep_checkpoints": 100, **train})
+    return {**recipe, "name": "faults", "eval": {"every": 4, "steps": 1}}
 
 
 def same_manifest(a: dict, b: dict) -> bool:

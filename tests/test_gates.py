@@ -3,6 +3,7 @@ Each is checked against its formula, written out in numpy, on random inputs and 
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
 from keras import ops
@@ -88,9 +89,11 @@ def test_full_gate_initialisers_are_meliads():
     kernel, bias = np_(weight(layer, "gate")), np_(weight(layer, "gate_bias"))
     std = np.sqrt(0.1 / 256)
     assert kernel.std() == pytest.approx(std, rel=0.05) and abs(kernel.mean()) < 0.05 * std
-    # truncated: an untruncated normal of this std would reach ~4.4 std in 131k draws; the backends
-    # truncate at 2 std of the underlying normal (torch's sampler lands slightly past it), so bound at 3
-    assert np.abs(kernel).max() <= 3 * std / 0.87962566 + 1e-6
+    # truncated at 2 std of the underlying normal: an untruncated normal of this std would put ~6,000 of
+    # these 131k draws past it. Keras' torch sampler resamples 4 times and keeps an untruncated draw
+    # when all 4 miss (p ≈ 4e-6 per entry), so on torch a handful may lie beyond.
+    beyond = int(np.sum(np.abs(kernel) > 2 * std / 0.87962566 + 1e-6))
+    assert beyond <= (5 if keras.backend.backend() == "torch" else 0), beyond
     assert bias.std() == pytest.approx(0.1, rel=0.15) and np.abs(bias).max() > 2 * 0.1 / 0.87962566 * 0.9
 
 

@@ -20,6 +20,7 @@ decoding state until then), in the memory of the stream `decode_stream` names.
 
 from __future__ import annotations
 
+import copy
 from typing import Protocol
 
 import keras
@@ -141,7 +142,8 @@ class KNNMemory(keras.layers.Layer):
         if not self.host:
             return
         options = assemble.options_for("memory_store", self.store_name, self.store_options, "memory.options")
-        store = self.store.new() if hasattr(self.store, "new") else self.store
+        # each layer its own instance: a store that is not a HostMemoryStore (no `new`) is copied
+        store = self.store.new() if hasattr(self.store, "new") else copy.copy(self.store)
         store.init(tuple(streams), int(batch_size), self.num_heads, self.head_dim, options, size=self.size)
         self._host_store, self._host_batch = store, int(batch_size)
 
