@@ -27,6 +27,7 @@ SCHEDULES = ("cosine", "rsqrt", "rsqrt_std", "linear", "exponential", "constant"
 OPTIMIZERS = ("adafactor", "adam")
 ACTIVATIONS = ("relu", "gelu", "swish", "tanh", "sigmoid")
 MEMORY_DTYPES = ("auto", "float32", "bfloat16")
+ASSIGNMENTS = ("first_free", "round_robin")
 
 
 def _choice(*options: str) -> dict:
@@ -113,6 +114,10 @@ class DataConfig:
     segment_length: int = 512
     batch_size: int = 8
     options: dict = field(default_factory=dict)  # source- and vocabulary-specific settings
+    # which slot reads which document: first_free (a slot whose document ends takes the next one of the
+    # shared order) or round_robin (document k of the order always goes to slot k mod batch_size, so a
+    # slot's documents do not depend on the other slots: a host can read its own slots only)
+    assignment: str = field(default="first_free", metadata=_choice(*ASSIGNMENTS))
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,16 @@ A document is a `str` or a `Document` (text plus tagged character spans). Empty 
 A factory may declare its `data.options` keys as a tuple attribute `options`; when the source and the
 vocabulary both do, unknown keys are rejected with one line.
 
+Which slot reads which document (`data.assignment`):
+
+- `first_free` (the default): a slot whose document ends takes the next document of the order, so which
+  documents a slot reads depends on the lengths of every other slot's documents;
+- `round_robin`: the epochs' orders are laid end to end, and document k of that sequence goes to slot
+  k mod B. A slot's documents then depend on nothing but the slot's index (an empty document is skipped
+  for the slot's next one), so a process can read only its own slots (`read_rows`, used by multi-host
+  runs) and their positions can be gathered from several processes. With a streamed source each slot
+  reads the epoch's stream itself, skipping the other slots' documents without tokenizing them.
+
 The stream's position is (epoch, position in that epoch's order, and per slot: the epoch and position of
 its document, the next segment and the segment count). Token ids are recomputed from the document when
 needed, so the state stays tiny and a resumed stream yields exactly the batches the original would have.
@@ -54,7 +64,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from meliad_core.config import DataConfig, RecipeError
+from meliad_core.config import ASSIGNMENTS, DataConfig, RecipeError
 from meliad_core.vocab import Vocabulary, load_vocabulary
 
 SPLITS = ("train", "eval")
@@ -126,9 +136,14 @@ class BatchStream:
         split: str = "train",
         shuffle: bool = True,
         name: str = "",
+        assignment: str = "first_free",
     ):
         if batch_size <= 0 or segment_length <= 0:
             raise ValueError("batch_size and segment_length must be positive")
+        if assignment not in ASSIGNMENTS:
+            raise ValueError(f"assignment: got {assignment!r}, expected one of {', '.join(ASSIGNMENTS)}")
+        self.assignment = assignment
+        self.rows = range(int(batch_size))  # the slots this stream reads (read_rows); the others stay padding
         self.vocabulary = vocabulary
         self.batch_size = int(batch_size)
         self.segment_length = int(segment_length)
@@ -145,6 +160,8 @@ class BatchStream:
             raise TypeError("source must be a Sequence of documents or a callable seed -> iterable of documents")
         self._orders: dict[int, np.ndarray] = {}
         self._reader: tuple[int, int, Iterator] | None = None  # (epoch, position, iterator) of a streamed source
+        self._slot_readers: dict[int, tuple[int, int, Iterator]] = {}  # round_robin, streamed: one per slot
+        self._epoch_sizes: dict[int, int] = {}  # round_robin, streamed: the epochs read to their end
         self.set_state(None)
 
     # -- public ----------------------------------------------------------------------------------
@@ -153,6 +170,16 @@ class BatchStream:
     def num_documents(self) -> int | None:
         """Documents per epoch (None for a streamed source)."""
         return len(self._documents) if self._documents is not None else None
+
+    def read_rows(self, rows: range | slice) -> None:
+        """Reads only these slots from now on; the other rows of every batch are padding (id 0, no
+        document start, no characters) and their positions in `get_state` stay as they were. Only with
+        `round_robin` assignment, where a slot's documents do not depend on the other slots."""
+        rows = range(self.batch_size)[rows] if isinstance(rows, slice) else rows
+        if self.assignment != "round_robin" and rows != range(self.batch_size):
+            raise DataError("reading only some batch slots needs data.assignment: round_robin (with first_free, "
+                            "which document a slot takes depends on every other slot)")
+        self.rows = rows
 
     def __iter__(self) -> "BatchStream":
         return self
@@ -172,7 +199,7 @@ class BatchStream:
         start = np.zeros((B,), dtype=bool)
         epoch = np.zeros((B,), dtype=np.int32)
         num_chars = np.zeros((B,), dtype=np.int32)
-        for i in range(B):
+        for i in self.rows:
             slot = self._slots[i]
             if slot is None or slot["segment"] >= slot["segments"]:
                 slot = self._fill(i)
@@ -193,6 +220,7 @@ class BatchStream:
         return {
             "format": STATE_FORMAT,
             "source": self.name,
+            "assignment": self.assignment,
             "split": self.split,
             "seed": self.seed,
             "batch_size": self.batch_size,
@@ -207,6 +235,7 @@ class BatchStream:
         """Moves to a position from `get_state` (None: the very beginning)."""
         self._live: list[tuple[np.ndarray, np.ndarray] | None] = [None] * self.batch_size
         self._reader = None
+        self._slot_readers = {}
         if state is None:
             self._epoch, self._position = 0, 0
             self._slots: list[dict | None] = [None] * self.batch_size
@@ -217,6 +246,9 @@ class BatchStream:
             if state.get(key) != getattr(self, key):
                 raise DataError(f"data state: saved with {key}={state.get(key)!r}, this stream has "
                                 f"{key}={getattr(self, key)!r}")
+        if state.get("assignment", "first_free") != self.assignment:
+            raise DataError(f"data state: saved with data.assignment {state.get('assignment', 'first_free')!r}, "
+                            f"this stream has {self.assignment!r}")
         if state.get("source") and self.name and state["source"] != self.name:
             raise DataError(f"data state: saved from source {state['source']!r}, this stream reads {self.name!r}")
         slots = state.get("slots")
@@ -289,6 +321,8 @@ class BatchStream:
 
     def _fill(self, i: int) -> dict:
         """Gives slot i the next non-empty document."""
+        if self.assignment == "round_robin":
+            return self._fill_round_robin(i)
         boundaries = 0
         while True:
             found = self._next_document()
@@ -308,14 +342,74 @@ class BatchStream:
         self._live[i] = (ids, mask)
         return self._slots[i]
 
+    def _fill_round_robin(self, i: int) -> dict:
+        """Gives slot i its next non-empty document: B places further along the epochs laid end to end."""
+        slot = self._slots[i]
+        epoch, position = (0, i) if slot is None else (slot["epoch"], slot["position"] + self.batch_size)
+        tries = 0
+        while True:
+            epoch, position = self._wrap(epoch, position)
+            item = self._document_for_slot(i, epoch, position)
+            if item is None:  # a streamed epoch that just ended before `position`: its size is now known
+                continue
+            ids, mask = self._tokenize(item)
+            if len(ids):
+                break
+            tries += 1
+            size = self._epoch_size(epoch)  # a streamed epoch's size is known once it has been read through
+            if size is not None and tries > 2 * size + 2:
+                what = f"{self.name!r} " if self.name else ""
+                raise DataError(f"data source {what}gave slot {i} no non-empty document in {tries} tries for "
+                                f"split {self.split!r}")
+            position += self.batch_size
+        segments = -(-len(ids) // self.segment_length)
+        self._slots[i] = {"epoch": epoch, "position": position, "segment": 0, "segments": segments}
+        self._live[i] = (ids, mask)
+        return self._slots[i]
+
+    def _epoch_size(self, epoch: int) -> int | None:
+        """Documents in `epoch` (None: a streamed epoch not yet read to its end)."""
+        return len(self._documents) if self._documents is not None else self._epoch_sizes.get(epoch)
+
+    def _wrap(self, epoch: int, position: int) -> tuple[int, int]:
+        """(epoch, position) with a position past its epoch's end carried into the next epochs."""
+        while True:
+            size = self._epoch_size(epoch)
+            if size is None or position < size:
+                return epoch, position
+            if size == 0:
+                what = f"{self.name!r} " if self.name else ""
+                raise DataError(f"data source {what}has no documents for split {self.split!r}")
+            epoch, position = epoch + 1, position - size
+
+    def _document_for_slot(self, i: int, epoch: int, position: int) -> Any:
+        """The document at `position` of `epoch`; None if a streamed epoch ends before it (its size is
+        then recorded). Each slot keeps its own reader of a streamed source, moving forward only."""
+        if self._documents is not None:
+            return self._documents[int(self._order(epoch)[position])]
+        reader = self._slot_readers.get(i)
+        if reader is None or reader[0] != epoch or reader[1] > position:
+            reader = (epoch, 0, self._open_epoch(epoch))
+        epoch, at, iterator = reader
+        for item in iterator:
+            if at == position:
+                self._slot_readers[i] = (epoch, at + 1, iterator)
+                return item
+            at += 1
+        self._slot_readers.pop(i, None)
+        self._epoch_sizes[epoch] = at
+        if len(self._epoch_sizes) > 8:
+            self._epoch_sizes.pop(min(self._epoch_sizes))
+        return None
+
     def _live_document(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         if self._live[i] is None:  # after set_state: recompute the tokens of every slot that needs them
             self._restore_live()
         return self._live[i]
 
     def _restore_live(self) -> None:
-        wanted = [i for i, s in enumerate(self._slots)
-                  if self._live[i] is None and s is not None and s["segment"] < s["segments"]]
+        wanted = [i for i in self.rows if self._live[i] is None and self._slots[i] is not None
+                  and self._slots[i]["segment"] < self._slots[i]["segments"]]
         if self._documents is not None:
             items = {i: self._documents_at(self._slots[i]["epoch"], [self._slots[i]["position"]])[0] for i in wanted}
         else:  # a streamed source: one pass per epoch, up to the furthest position needed
@@ -405,4 +499,5 @@ def stream(recipe: Any, split: str = "train", seed: int | None = None) -> BatchS
         split=split,
         shuffle=(data_config.options or {}).get("shuffle", True),
         name=data_config.source,
+        assignment=data_config.assignment,
     )

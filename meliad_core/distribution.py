@@ -21,16 +21,19 @@ rows of the global batch (`local_rows`), and Keras builds the global arrays from
 (`jax.make_array_from_process_local_data`, inside `train_on_batch`). `host_value` gathers a sharded
 variable so that process 0 can write it.
 
-Decision (data): every process streams the whole global batch and feeds only its rows. Documents go to
-slots through one cursor shared by all slots (meliad_core.data: a slot whose document ends takes the
-next one), so which document a slot takes next depends on every other slot's document lengths; a
-process that read only its own slots could not know it. Streaming the whole batch keeps that one
-global assignment, so every process holds the same data position, process 0's checkpoint has all of
-it, and a run resumes on any number of hosts with the same documents in the same slots. The cost is
-that every host reads and tokenizes every document (not the model's work, which is split).
+Data: with `data.assignment: round_robin` a slot's documents depend only on the slot's index
+(meliad_core.data), so each process reads only its own slots (`data_rows`); the characters of each
+batch (for bits/char) and the slots' positions (for checkpoints) are gathered from every process
+(`gather_rows`), so process 0's checkpoint holds every slot's position and a run resumes on any number
+of hosts with the same documents in the same slots. With the default `first_free` a slot whose
+document ends takes the next document of one order shared by all slots, which depends on every
+other slot's document lengths: every process then streams the whole global batch (reading and
+tokenizing every document) and feeds only its rows.
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from meliad_core.config import DistributionConfig, RecipeError
 
@@ -169,12 +172,33 @@ def local_rows(distribution, batch_size: int) -> slice:
     return slice(rows[0], rows[-1] + 1)
 
 
+def data_rows(distribution, data_config) -> slice | None:
+    """The batch slots this process reads from the data source: its own rows in a multi-host run with
+    `data.assignment: round_robin`; None (every slot) otherwise."""
+    if process_count(distribution) == 1 or data_config.assignment != "round_robin":
+        return None
+    return local_rows(distribution, data_config.batch_size)
+
+
+def gather_rows(distribution, values: np.ndarray, rows: slice) -> np.ndarray:
+    """`values` (batch, ...) of which this process holds `rows`, with every other process's rows filled
+    in from that process: a collective every process must join in the same order (one process: as is)."""
+    if process_count(distribution) == 1:
+        return values
+    # Keras has no public host-to-host gather; jax.distributed is already running (multi-host is JAX's)
+    from jax.experimental import multihost_utils
+
+    starts, blocks = multihost_utils.process_allgather((np.asarray([rows.start]), np.asarray(values[rows])))
+    gathered = np.array(values, copy=True)
+    for start, block in zip(np.asarray(starts).reshape(-1), np.asarray(blocks)):
+        gathered[int(start):int(start) + len(block)] = block
+    return gathered
+
+
 def host_value(value):
     """A variable's value as one numpy array, in every process: a value sharded over several hosts is
     first gathered (resharded to replicated, a collective every process must join in the same order)."""
     import keras
-
-    import numpy as np
 
     if not getattr(value, "is_fully_addressable", True) and not getattr(value, "is_fully_replicated", False):
         distribution = keras.distribution.distribution()
@@ -193,7 +217,6 @@ def check_agreement(distribution, values: list[int], what: str) -> None:
     if process_count(distribution) == 1:
         return
     import keras
-    import numpy as np
 
     from meliad_core.runner import RunFault
 

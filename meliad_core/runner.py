@@ -494,11 +494,12 @@ class PreparedData:
     eval: Any
 
 
-def prepare_data(recipe: Recipe) -> PreparedData:
+def prepare_data(recipe: Recipe, rows: slice | None = None) -> PreparedData:
     """Everything `meliad run` checks about the data before it builds a model (`meliad recipe show`
     checks the same): the source's and vocabulary's options and files (the first batch of each split
     is read), and model.vocab_size against the vocabulary. Raises RecipeError, DataError or OSError
-    with one-line messages; touches no workdir."""
+    with one-line messages; touches no workdir. `rows`: the batch slots this process reads (a host of
+    a multi-host run with data.assignment round_robin); None: all."""
     from meliad_core.data import stream
     from meliad_core.vocab import load_vocabulary
 
@@ -514,6 +515,8 @@ def prepare_data(recipe: Recipe) -> PreparedData:
     streams = []
     for split in RUN_STREAMS:
         batches = stream(recipe, split=split)
+        if rows is not None:
+            batches.read_rows(rows)
         start = batches.get_state()
         read_batch(batches, recipe)  # the first batch is read now, so unreadable or empty data stops here
         batches.set_state(start)
@@ -561,10 +564,10 @@ def run_training(recipe: Recipe, workdir: Path, load_dir: Path | None = None, ou
         raise RunError(f"--extend: got {extend}, expected a positive number of steps")
     progress = {"where": "", "kept": None}
     try:
-        data = prepare_data(recipe)
-        from meliad_core.distribution import is_chief, make_distribution
+        from meliad_core.distribution import data_rows, is_chief, make_distribution
 
         distribution = make_distribution(recipe.distribution, recipe.data.batch_size)
+        data = prepare_data(recipe, data_rows(distribution, recipe.data))
         if not is_chief(distribution):  # a multi-host run: process 0 alone writes to the (shared) workdir
             with open(os.devnull, "w") as quiet:
                 return _run(recipe, workdir, data, load_dir, quiet, extend, restart, progress, distribution)
@@ -717,13 +720,31 @@ def _loop(recipe, workdir, model, optimizer, data, log, step, schedule_steps, ac
 
     from meliad_core import checkpoint as ckpt
     from meliad_core.data import keras_inputs
-    from meliad_core.distribution import is_chief, local_rows
+    from meliad_core.distribution import data_rows, gather_rows, is_chief, local_rows
 
     chief = is_chief(distribution)
-    rows = local_rows(distribution, recipe.data.batch_size)  # every process reads the whole batch, feeds its rows
+    rows = local_rows(distribution, recipe.data.batch_size)  # the rows this process feeds
+    own_rows = data_rows(distribution, recipe.data) is not None  # ... and the only ones it reads
+    if chief and rows != slice(0, recipe.data.batch_size) and not own_rows:
+        _notice("every host reads every batch slot's documents (data.assignment first_free); with "
+                "data.assignment: round_robin each host reads only its own slots")
 
     def inputs(batch: dict) -> dict:
         return {key: value[rows] for key, value in keras_inputs(batch).items()}
+
+    def next_batch(batches) -> dict:
+        batch = read_batch(batches, recipe)
+        if own_rows:  # the characters of every host's rows, for bits/char (a small collective)
+            batch["num_chars"] = gather_rows(distribution, batch["num_chars"], rows)
+        return batch
+
+    def data_state(batches) -> dict:
+        state = batches.get_state()
+        if own_rows:  # every host's slots, so that the checkpoint resumes on any number of hosts
+            slots = np.array([[-1] * 4 if slot is None else slot for slot in state["slots"]], np.int32)
+            slots = gather_rows(distribution, slots, rows)
+            state["slots"] = [None if slot[0] < 0 else [int(v) for v in slot] for slot in slots]
+        return state
 
     train_cfg = recipe.train
     schedule = optimizer.learning_rate if hasattr(optimizer.learning_rate, "value_at") else None
@@ -734,12 +755,13 @@ def _loop(recipe, workdir, model, optimizer, data, log, step, schedule_steps, ac
     def save(at: int) -> None:
         log.sync()  # the rows up to this step are on disk before the checkpoint says "resume after them"
         arrays = ckpt.checkpoint_arrays(model, optimizer)  # every process: the sharded values are gathered
+        positions = {"train": data_state(data.train), "eval": data_state(data.eval)}
         if not chief:
             return
         try:
             ckpt.save_checkpoint(workdir, at, model, optimizer, arrays=arrays, keep=train_cfg.keep_checkpoints, extra={
                 "recipe": recipe.to_dict(), "backend": keras.backend.backend(),
-                "data": {"train": data.train.get_state(), "eval": data.eval.get_state()},
+                "data": positions,
                 "schedule_steps": schedule_steps, "accumulator": acc.state()})
         except OSError as exc:
             kept = progress["kept"]
@@ -751,7 +773,7 @@ def _loop(recipe, workdir, model, optimizer, data, log, step, schedule_steps, ac
     def evaluate(at: int) -> dict:
         ev = Accumulator()
         for _ in range(recipe.eval.steps):
-            batch = read_batch(data.eval, recipe)
+            batch = next_batch(data.eval)
             start = time.perf_counter()
             logs = model.test_on_batch(inputs(batch), return_dict=True)
             ev.add(logs, batch, time.perf_counter() - start)
@@ -778,7 +800,7 @@ def _loop(recipe, workdir, model, optimizer, data, log, step, schedule_steps, ac
     first_step_of_run = True
     while step < train_cfg.steps:
         progress["where"] = f" at step {step + 1}"
-        batch = read_batch(data.train, recipe)
+        batch = next_batch(data.train)
         start = time.perf_counter()
         logs = model.train_on_batch(inputs(batch), return_dict=True)
         seconds = time.perf_counter() - start

@@ -219,6 +219,108 @@ def test_streamed_resume_reads_each_epoch_once():
     assert len(opened) <= len(epochs) + 2  # one pass per slot epoch, plus the cursor (maybe a new epoch)
 
 
+# -- round_robin assignment --------------------------------------------------------------------------
+
+
+class RecordingDocs(list):
+    """A Sequence of documents that records which indices were read."""
+
+    def __init__(self, docs):
+        super().__init__(docs)
+        self.read: list[int] = []
+
+    def __getitem__(self, index):
+        self.read.append(index)
+        return super().__getitem__(index)
+
+
+def round_robin(source, batch_size=4, **kwargs) -> BatchStream:
+    return BatchStream(source, BYTES, batch_size=batch_size, segment_length=8, seed=3, assignment="round_robin",
+                       **kwargs)
+
+
+@pytest.mark.parametrize("count", [13, 3])  # more documents than slots, and fewer (each epoch then feeds some slots)
+def test_round_robin_slot_k_reads_documents_k_mod_batch(count):
+    docs = make_docs(count, low=1, high=30)
+    stream = round_robin(docs)
+    batches = take(stream, 120)
+    order = np.concatenate([stream._order(e) for e in range(200)])  # the epochs' orders laid end to end
+    for i, held in enumerate(slot_documents(batches)):
+        want = [int(order[k]) for k in range(i, len(order), 4)][:len(held)]
+        assert [doc_index(ids) for _, ids in held] == want, i
+        assert [epoch for epoch, _ in held] == [k // count for k in range(i, len(order), 4)][:len(held)]
+
+
+def test_round_robin_rows_read_only_their_documents_and_match_the_full_stream():
+    docs = make_docs(17)
+    recording = RecordingDocs(docs)
+    full, part = round_robin(docs), round_robin(recording)
+    part.read_rows(slice(2, 4))
+    for _ in range(50):
+        a, b = next(full), next(part)
+        for key in a:
+            np.testing.assert_array_equal(b[key][2:], a[key][2:], err_msg=key)
+            assert not np.any(b[key][:2]), key  # the other slots are padding
+    orders = {e: full._order(e) for e in range(10)}
+    read = set(recording.read)
+    mine = {int(orders[e][p]) for e in orders for p in range(len(docs)) if (e * len(docs) + p) % 4 in (2, 3)}
+    assert read and read <= mine  # never a document of slots 0 or 1
+    state = part.get_state()
+    assert state["slots"][:2] == [None, None] and state["slots"][2:] == full.get_state()["slots"][2:]
+
+
+@pytest.mark.parametrize("at", [0, 9, 40])
+def test_round_robin_streamed_source_equals_the_sequence_and_resumes(at):
+    docs = make_docs(10)
+    opened = []
+
+    def source(seed):
+        opened.append(seed)
+        return iter(docs)
+
+    sequence, streamed = round_robin(docs, shuffle=False), round_robin(source)
+    take(sequence, at), take(streamed, at)
+    state = json.loads(json.dumps(streamed.get_state()))
+    assert state == sequence.get_state() | {"source": state["source"]}
+    expected = take(sequence, 60)
+    resumed = round_robin(source)
+    resumed.set_state(state)
+    assert_same(take(resumed, 60), expected)
+    assert_same(take(round_robin(docs, shuffle=False), at + 60)[at:], expected)
+
+
+def test_round_robin_state_resumes_on_other_rows_and_refuses_other_assignments():
+    docs = make_docs(9)
+    one = round_robin(docs)
+    take(one, 30)
+    state = one.get_state()
+    expected = take(one, 20)
+    halves = [round_robin(docs), round_robin(docs)]
+    for rows, half in zip((slice(0, 2), slice(2, 4)), halves):
+        half.set_state(state)
+        half.read_rows(rows)
+    got = [take(half, 20) for half in halves]
+    for step, want in enumerate(expected):
+        np.testing.assert_array_equal(np.concatenate([got[0][step]["tokens"][:2], got[1][step]["tokens"][2:]]),
+                                      want["tokens"])
+    shared = BatchStream(docs, BYTES, batch_size=4, segment_length=8, seed=3)
+    with pytest.raises(DataError, match="data.assignment 'round_robin', this stream has 'first_free'"):
+        shared.set_state(state)
+    with pytest.raises(DataError, match="needs data.assignment: round_robin"):
+        shared.read_rows(slice(0, 2))
+
+
+def test_round_robin_skips_empty_documents_and_stops_when_all_are_empty():
+    docs = ["", "abc" * 5, "", "", "xyz" * 4]
+    stream = round_robin(docs, batch_size=2, shuffle=False)
+    for held in slot_documents(take(stream, 30)):
+        assert held and all(len(ids) for _, ids in held)
+    with pytest.raises(DataError, match="no non-empty document"):
+        next(round_robin(["", ""], batch_size=2))
+    with pytest.raises(DataError, match="no documents"):
+        next(round_robin(lambda seed: iter([]), batch_size=2))
+
+
 def test_a_failed_step_keeps_the_position():
     docs = ["abcdefgh" * 3, 5, "xyz"]  # the second "document" is not text
     stream = BatchStream(docs, BYTES, batch_size=2, segment_length=8, seed=0, shuffle=False)

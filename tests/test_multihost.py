@@ -44,9 +44,12 @@ def _rows(workdir: Path) -> dict:
 
 
 @pytest.mark.skipif(not ON_JAX, reason="multi-host training is JAX's (the jax env runs it)")
-def test_two_processes_train_like_one_and_resume_on_one(tmp_path):
+@pytest.mark.parametrize("assignment", ["round_robin", "first_free"])
+def test_two_processes_train_like_one_and_resume_on_one(tmp_path, assignment):
+    """round_robin: each host reads only its own slots and the positions are gathered; first_free: each
+    host reads every slot. Either way the run is the single-process run."""
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(RECIPE)
+    recipe.write_text(RECIPE.replace("batch_size: 8,", f"batch_size: 8, assignment: {assignment},"))
     base = {**os.environ, "KERAS_BACKEND": "jax"}
     base.pop("XLA_FLAGS", None)
     command = [sys.executable, "-m", "meliad_core.cli", "run", str(recipe), "--backend", "jax"]
@@ -65,6 +68,7 @@ def test_two_processes_train_like_one_and_resume_on_one(tmp_path):
         assert host.returncode == 0, err[-3000:]
     assert "over 8 devices (8 batch) on 2 hosts" in outputs[0][0] and "done: 10 steps" in outputs[0][0]
     assert "step 10/10" not in outputs[1][0]  # process 1 neither logs nor writes
+    assert ("every host reads every batch slot's documents" in outputs[0][1]) == (assignment == "first_free")
 
     def meliad(workdir: str) -> str:  # one process, one device: in this process
         out = io.StringIO()
@@ -85,6 +89,10 @@ def test_two_processes_train_like_one_and_resume_on_one(tmp_path):
             for key in want.files:
                 scale = max(1.0, float(np.abs(want[key]).max()))
                 assert np.abs(got[key].astype(np.float64) - want[key]).max() <= 1e-5 * scale, (step, key)
+        # and every slot's data position, gathered from both hosts with round_robin
+        manifests = [json.loads((run / f"checkpoints/step_{step}/manifest.json").read_text()) for run in (multi, single)]
+        assert manifests[0]["data"] == manifests[1]["data"], step
+        assert manifests[0]["accumulator"]["chars"] == manifests[1]["accumulator"]["chars"], step
 
     shutil.rmtree(multi / "checkpoints" / "step_10")  # as if stopped after step 5: resume on one process
     assert "resuming from" in meliad("multi")
