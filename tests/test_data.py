@@ -469,6 +469,23 @@ def test_synthetic_near_read_backs_are_local_untagged_and_change_nothing_else(in
                                           near_recalls=0)[index].text
 
 
+@pytest.mark.parametrize("index", range(3))
+def test_synthetic_value_letters_makes_every_value_a_letter_code_recalled_far(index):
+    doc = SyntheticLedgers("train", 3, document_length=3000, min_recall_distance=600, value_letters=12)[index]
+    text = doc.text
+    facts_end = text.index("\n", text.index("These facts"))
+    stated = dict(re.findall(r"The code of (\w+) is (\w+)\.", text[:facts_end]))
+    assert len(stated) == 6 and "lives in" not in text
+    assert all(re.fullmatch(r"[a-z]{12}", value) for value in stated.values())
+    assert doc.long_range_spans
+    for start, end in doc.long_range_spans:  # every recalled value is a stated one, far from its last mention
+        assert text[start:end] in stated.values() and start > facts_end
+        assert start - text.rfind(text[start:end], 0, start) >= 600
+    default = SyntheticLedgers("train", 3, document_length=3000, min_recall_distance=600)[index].text
+    assert default == SyntheticLedgers("train", 3, document_length=3000, min_recall_distance=600,
+                                       value_letters=0)[index].text
+
+
 def test_synthetic_batches_tag_the_recalled_values():
     cfg = DataConfig(segment_length=128, batch_size=2, options={"num_documents": 4, "document_length": 2000,
                                                                  "min_recall_distance": 300})

@@ -27,6 +27,11 @@ Options (`data.options`):
                          are *not* tagged long-range: they let every model learn to copy a value by its
                          name locally, which the memory and the recurrent state can then apply to the
                          far recalls (docs/long_range.md)
+    value_letters        beyond meliad: 0 (default) gives codes and home towns; L > 0 makes every value a
+                         code of L random lowercase letters ("The code of Tarin is qwhdkeifmzla."), whose
+                         letters after the first few can be copied by the preceding ones (each value's
+                         letter pairs are rare in a document), a denser copy signal than a name
+                         (docs/long_range.md)
     corpus_seed          which corpus (0)
 """
 
@@ -43,9 +48,10 @@ from ._options import get_int
 MAX_DOCUMENTS = 10_000_000
 MAX_DOCUMENT_LENGTH = 100_000_000  # characters, like a very long book
 MAX_FACTS = 100_000
+MAX_VALUE_LETTERS = 1000
 
 OPTIONS = ("num_documents", "num_eval_documents", "document_length", "num_facts", "recalls_per_fact",
-           "min_recall_distance", "near_recalls", "corpus_seed")
+           "min_recall_distance", "near_recalls", "value_letters", "corpus_seed")
 
 SYLLABLES = ("ka", "ri", "to", "mel", "an", "dor", "vi", "sa", "lu", "ben", "tor", "eth", "ni", "ro", "gal",
              "fen", "mi", "os", "ar", "quin", "bel", "ta", "zu", "ler", "mo", "ca", "del", "ha", "ur", "pe")
@@ -82,6 +88,10 @@ def _code(rng: random.Random) -> str:
     return rng.choice(LETTERS) + rng.choice(LETTERS) + "-" + "".join(rng.choice(DIGITS) for _ in range(4))
 
 
+def _letters(rng: random.Random, count: int) -> str:
+    return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(count))
+
+
 def _filler(rng: random.Random) -> str:
     """One sentence of local structure: templates over a small lexicon, some with a repetition."""
     kind = rng.randrange(5)
@@ -106,7 +116,7 @@ class SyntheticLedgers(collections.abc.Sequence):
 
     def __init__(self, split: str, num_documents: int, document_length: int = 6000, num_facts: int = 6,
                  recalls_per_fact: int = 2, min_recall_distance: int = 512, corpus_seed: int = 0,
-                 near_recalls: int = 0):
+                 near_recalls: int = 0, value_letters: int = 0):
         self.split = split
         self.num_documents = num_documents
         self.document_length = document_length
@@ -115,6 +125,7 @@ class SyntheticLedgers(collections.abc.Sequence):
         self.min_recall_distance = min_recall_distance
         self.corpus_seed = corpus_seed
         self.near_recalls = near_recalls
+        self.value_letters = value_letters
 
     def __len__(self) -> int:
         return self.num_documents
@@ -138,7 +149,10 @@ class SyntheticLedgers(collections.abc.Sequence):
                 names.append(name)
         facts = []  # (statement, recall template, value)
         for name in names:
-            if rng.random() < 0.5:
+            if self.value_letters:
+                value = _letters(rng, self.value_letters)
+                facts.append((f"The code of {name} is {value}.", f"the code of {name} is ", value))
+            elif rng.random() < 0.5:
                 value = _code(rng)
                 facts.append((f"The code of {name} is {value}.", f"the code of {name} is ", value))
             else:
@@ -208,6 +222,7 @@ def open_synthetic(data_config, split: str, seed: int) -> SyntheticLedgers:
         min_recall_distance=get_int(options, "min_recall_distance", 512, minimum=1, maximum=MAX_DOCUMENT_LENGTH),
         corpus_seed=get_int(options, "corpus_seed", 0, minimum=0),
         near_recalls=get_int(options, "near_recalls", 0, minimum=0, maximum=MAX_FACTS),
+        value_letters=get_int(options, "value_letters", 0, minimum=0, maximum=MAX_VALUE_LETTERS),
     )
 
 
