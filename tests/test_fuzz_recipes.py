@@ -140,6 +140,7 @@ def _key_cases() -> list[tuple[str, dict, str | None, dict, str]]:
         changed("document_length=-5", BASE, "data.options.document_length", -5),
         changed("document_length=x", BASE, "data.options.document_length", "x"),
         changed("shuffle=3", BASE, "data.options.shuffle", 3),
+        changed("value_letters=-1", BASE, "data.options.value_letters", -1),
         changed("vocab below vocabulary", BASE, "model.vocab_size", 100),
         changed("text_files without paths", text_files, "data.options", {}, "data.options.paths"),
         changed("text_files missing file", text_files, "data.options", {"paths": "/nonexistent/*.txt"},
