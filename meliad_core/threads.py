@@ -25,9 +25,9 @@ What each backend allows:
 
 Defaults ("auto"): on a machine with at most 2 usable cores, torch gets 1 intra-op thread (its
 OpenMP threads wait on each other for milliseconds per op whenever a core is taken by another
-process); jax and tensorflow keep all usable cores (their pools block instead of spinning), with
-tensorflow's inter-op pool at 1 on such machines. On larger machines every backend uses all usable
-cores. MELIAD_THREADS=N (or `configure_threads(N)`) sets N intra-op threads everywhere,
+process); jax and tensorflow keep their own defaults (their pools block instead of spinning; a
+tensorflow inter-op pool of 1 was measured 1.5x slower on a quiet 2-core machine and no better with a
+competing process, README "Speed notes"). On larger machines every backend uses all usable cores. MELIAD_THREADS=N (or `configure_threads(N)`) sets N intra-op threads everywhere,
 MELIAD_THREADS=N,M also the inter-op threads, and MELIAD_THREADS=default changes nothing.
 """
 
@@ -109,9 +109,7 @@ def default_threads(backend: str, cores: int | None = None) -> tuple[int | None,
         return (cores, None) if backend != "jax" else (None, None)
     if backend == "torch":
         return 1, 1
-    if backend == "tensorflow":
-        return cores, 1
-    return None, None  # jax: XLA's own pool over all usable cores
+    return None, None  # jax: XLA's own pool over all usable cores; tensorflow: its own pools
 
 
 def configure_threads(threads=None, backend: str | None = None) -> ThreadSettings:

@@ -38,7 +38,7 @@ def test_parse_threads():
 def test_defaults_per_backend_and_machine_size():
     assert default_threads("torch", 2) == (1, 1)
     assert default_threads("torch", 1) == (1, 1)
-    assert default_threads("tensorflow", 2) == (2, 1)
+    assert default_threads("tensorflow", 2) == (None, None)
     assert default_threads("jax", 2) == (None, None)
     assert default_threads("torch", 16) == (16, None) and default_threads("tensorflow", 16) == (16, None)
     assert default_threads("jax", 16) == (None, None)
