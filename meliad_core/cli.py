@@ -11,7 +11,6 @@ MELIAD_DEBUG=1) prints the full traceback before that line. Python warnings are 
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 import sys
@@ -239,18 +238,6 @@ def _multihost(coordinator: str | None, num_processes: int | None, process_id: i
     return coordinator, num_processes, process_id
 
 
-@contextlib.contextmanager
-def _report_folder(name: str):
-    """Writes the report into WORKDIR/<name>/ instead of WORKDIR/report/ for the duration."""
-    from meliad_core import report
-
-    previous, report.REPORT_DIR = report.REPORT_DIR, name
-    try:
-        yield
-    finally:
-        report.REPORT_DIR = previous
-
-
 @cli.command("report")
 @click.argument("workdir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--batches", type=click.IntRange(min=1, max=1 << 20), default=None, metavar="K",
@@ -297,8 +284,7 @@ def report(workdir: Path, batches: int | None, backend: str | None, bucket_width
         count = batches or (recipe.get("eval") or {}).get("steps") or 10
         width = f"_width_{bucket_width}" if bucket_width else ""
         folder = f"{REPORT_DIR}/step_{found[1]['step']}_batches_{count}{width}"
-    with _report_folder(folder):
-        long_range_report(workdir, batches, bucket_width=bucket_width, checkpoint=found)
+    long_range_report(workdir, batches, bucket_width=bucket_width, checkpoint=found, folder=folder)
 
 
 @cli.group("recipe")

@@ -426,8 +426,6 @@ def evaluate_documents(model, batches, max_batches: int | None = None, keep: boo
 def write_eval_report(workdir: Path, found, recipe, result: EvalResult) -> dict:
     """The long-range report (`meliad_core.report`) of an eval pass, on the data it read, written to
     WORKDIR/report/eval_step_<N>/ (long_range.json, and the plot when matplotlib is installed)."""
-    import json
-
     import keras
 
     from meliad_core import report
@@ -436,8 +434,6 @@ def write_eval_report(workdir: Path, found, recipe, result: EvalResult) -> dict:
     scored = kept["scored"]
     stats = report.summarize(kept["positions"][scored], kept["bits"][scored], kept["long_range"][scored],
                              kept["segments"][scored], recipe.data.segment_length)
-    folder = workdir / report.REPORT_DIR / f"eval_step_{found[1].get('step')}"
-    folder.mkdir(parents=True, exist_ok=True)
     out = {"format": report.FORMAT, "workdir": str(workdir), "checkpoint": str(found[0]),
            "step": int(found[1].get("step", 0)), "recipe": recipe.name, "backend": keras.backend.backend(),
            "data": recipe.to_dict()["data"],
@@ -445,18 +441,7 @@ def write_eval_report(workdir: Path, found, recipe, result: EvalResult) -> dict:
            "segment_length": recipe.data.segment_length, "window": recipe.attention.window,
            "documents_started": result.documents_started, "documents_complete": result.documents_complete,
            "all_documents": result.exhausted, **stats, "plot": None}
-    skipped = None
-    try:
-        out["plot"] = report.write_plot(out, folder / report.PNG_NAME)
-    except report.PlotUnavailable as exc:
-        skipped = str(exc)
-    report._atomic_write(folder / report.JSON_NAME, (json.dumps(out, indent=1) + "\n").encode())
-    lines = report.format_summary(out).splitlines()[:-1]  # its last line names the run's own report folder
-    written = [str(folder / report.JSON_NAME)] + ([out["plot"]["path"]] if out.get("plot") else [])
-    click.echo("\n".join(lines + ["  wrote " + " and ".join(written)]))
-    if skipped:
-        click.echo(f"meliad: note: {skipped}")
-    return out
+    return report.write_report(out, workdir / report.REPORT_DIR / f"eval_step_{found[1].get('step')}")
 
 
 def model_numpy(x) -> np.ndarray:

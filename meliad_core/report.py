@@ -150,13 +150,14 @@ def _model_inputs(batch: dict) -> dict:
 
 
 def long_range_report(workdir, batches: int | None = None, out=None, *, bucket_width: int | None = None,
-                      checkpoint: tuple | None = None, plot: bool = True) -> dict:
+                      checkpoint: tuple | None = None, plot: bool = True, folder: str | None = None) -> dict:
     """Makes the long-range report of the run in `workdir`; returns what it writes to long_range.json.
 
     `batches`: eval batches to stream (default: the recipe's eval.steps, or 10 if that is 0).
     `out`: where the summary is printed (default stdout). `bucket_width`: linear position buckets of
     this many tokens instead of log-spaced ones. `checkpoint`: a (path, manifest, arrays) tuple from
-    `meliad_core.checkpoint.latest_valid_checkpoint` (default: read from `workdir`).
+    `meliad_core.checkpoint.latest_valid_checkpoint` (default: read from `workdir`). `folder`: where
+    under `workdir` the report goes (default REPORT_DIR).
     Raises ReportError (one line) when there is no usable checkpoint. Keras must be importable with
     the backend to use already chosen (KERAS_BACKEND).
     """
@@ -216,8 +217,6 @@ def long_range_report(workdir, batches: int | None = None, out=None, *, bucket_w
 
     stats = summarize(np.concatenate(keep_positions), np.concatenate(keep_bits), np.concatenate(keep_long),
                       np.concatenate(keep_segments), N, bucket_width)
-    report_dir = workdir / REPORT_DIR
-    report_dir.mkdir(parents=True, exist_ok=True)
     result = {
         "format": FORMAT,
         "workdir": str(workdir),
@@ -233,14 +232,22 @@ def long_range_report(workdir, batches: int | None = None, out=None, *, bucket_w
         **stats,
         "plot": None,
     }
+    return write_report(result, workdir / (folder or REPORT_DIR), out, plot=plot)
+
+
+def write_report(result: dict, folder: Path, out=None, plot: bool = True) -> dict:
+    """Writes a report's `result` to folder/long_range.json (and its plot, when matplotlib is there) and
+    prints its summary to `out` (default stdout). Returns `result`, with the plot's entry filled in."""
+    out = out if out is not None else sys.stdout
+    folder.mkdir(parents=True, exist_ok=True)
     skipped = None
     if plot:
         try:
-            result["plot"] = write_plot(result, report_dir / PNG_NAME)
+            result["plot"] = write_plot(result, folder / PNG_NAME)
         except PlotUnavailable as exc:
             skipped = str(exc)
-    _atomic_write(report_dir / JSON_NAME, (json.dumps(result, indent=1) + "\n").encode())
-    print(format_summary(result), file=out, flush=True)
+    _atomic_write(folder / JSON_NAME, (json.dumps(result, indent=1) + "\n").encode())
+    print(format_summary(result, folder), file=out, flush=True)
     if skipped:
         print(f"meliad: note: {skipped}", file=out, flush=True)
     return result
@@ -256,8 +263,9 @@ def _bits(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def format_summary(result: dict) -> str:
-    """The few lines `meliad report` prints."""
+def format_summary(result: dict, folder: Path | None = None) -> str:
+    """The few lines `meliad report` prints; `folder`: where the report was written (default: the
+    run's REPORT_DIR)."""
     o, lr, rest = result["overall"], result["long_range"], result["rest"]
     first, later = result["first_segment"], result["later_segments"]
     lines = [f"long-range report of {result['workdir']} (step {result['step']}, {result['recipe'] or 'recipe'}, "
@@ -281,7 +289,7 @@ def format_summary(result: dict) -> str:
              + (f"/{_bits(b['long_range_bits_per_token'])}" if b["long_range_tokens"] else "") for b in shown]
     more = f" ... ({len(result['buckets']) - len(shown)} more)" if len(result["buckets"]) > len(shown) else ""
     lines.append("  by position (all/long-range bits/token): " + "  ".join(cells) + more)
-    written = [str(Path(result["workdir"]) / REPORT_DIR / JSON_NAME)]
+    written = [str((folder if folder is not None else Path(result["workdir"]) / REPORT_DIR) / JSON_NAME)]
     if result.get("plot"):
         written.append(result["plot"]["path"])
     lines.append("  wrote " + " and ".join(written))

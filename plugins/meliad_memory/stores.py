@@ -70,7 +70,13 @@ class BucketedStore:
 
 
 class ExactStore:
-    """The k best-scoring filled slots for each query; missing neighbours (fewer than k filled) are zeros."""
+    """The k best-scoring filled slots for each query; missing neighbours (fewer than k filled) are zeros.
+
+    Subclasses may replace `pick` (the k best slots of each query's scores) and keep the rest."""
+
+    def pick(self, scores, k: int):
+        """(B, H, n, M) scores, unfilled slots at the bottom -> (B, H, n, k) slot indices."""
+        return ops.top_k(scores, k=k, sorted=True)[1]
 
     def retrieve(self, key_db, value_db, filled, queries, num_neighbors: int, query_chunk: int = 0):
         key_db, value_db, filled, queries = (ops.convert_to_tensor(t) for t in (key_db, value_db, filled, queries))
@@ -81,7 +87,7 @@ class ExactStore:
         picks = []
         for scores in _score_chunks(queries, key_db, chunk):
             scores = ops.where(fill, scores, ops.cast(-1e30, scores.dtype))
-            picks.append(ops.top_k(scores, k=k, sorted=True)[1])  # (B, H, n, k)
+            picks.append(self.pick(scores, k))  # (B, H, n, k)
         idx = picks[0] if len(picks) == 1 else ops.concatenate(picks, axis=2)
         # a pick is a neighbour only if its slot is filled (fewer filled slots than k: the rest are zeros)
         rows = ops.reshape(ops.arange(ops.shape(filled)[0], dtype="int32"), (-1, 1, 1, 1)) * size
