@@ -9,7 +9,10 @@ rest, because only the first one needs the name to be matched; the rest can foll
     python benchmarks/copy_probe.py --losses losses.npz             # from `meliad eval --token-losses`
 
 A model that copies scores far below the statement's bits on the read-backs; one that only knows the
-values' alphabet scores the same on all three kinds (docs/long_range.md, experiment 6). Needs the
+values' alphabet scores the same on all three kinds (docs/long_range.md, experiment 6). Ledgers of the
+`lines` layout (`data.options.layout: lines`) give the same three kinds: a statement line ("Tarin: ..."),
+a read-back line ("Tarin = ...") within `NEAR` characters of the fact's last mention, and the far recalls
+(read-back lines further away: the long-range tokens). Needs the
 `bytes` vocabulary (the ledgers demos use it): token i is UTF-8 byte i - 3.
 """
 
@@ -26,6 +29,8 @@ import numpy as np
 
 BYTE_OFFSET = 3  # the bytes vocabulary: ids 0..2 are padding/specials, id b + 3 is byte b
 VALUE = re.compile(r"(?:code of \w+ is |lives in )([A-Z]{2}-\d{4}|\w+)\.")
+LINE = re.compile(r"^(\w+)(: | = )([a-z]+(?: [a-z]+)*)\.$", re.M)  # the lines layout
+NEAR = 400  # characters: a lines-layout read-back this close to the fact's last mention is local
 
 
 def documents(losses: dict) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -58,12 +63,24 @@ def mention_kind(text: str, at: int) -> str:
 def copy_table(losses: dict) -> dict[str, dict[str, tuple[float, int]]]:
     """kind -> {"first": (mean bits, tokens), "rest": (...)} over every value mention."""
     sums: dict[str, dict[str, list[float]]] = {}
+
+    def add(kind: str, start: int, end: int, bits, scored) -> None:
+        parts = sums.setdefault(kind, {"first": [], "rest": []})
+        for part, (a, z) in (("first", (start, start + 1)), ("rest", (start + 1, end))):
+            parts[part].extend(bits[t] for t in range(a, z) if scored[t])
+
     for text, bits, scored in documents(losses):
         for match in VALUE.finditer(text):
-            kind = sums.setdefault(mention_kind(text, match.start()), {"first": [], "rest": []})
-            start, end = match.span(1)
-            for part, (a, z) in (("first", (start, start + 1)), ("rest", (start + 1, end))):
-                kind[part].extend(bits[t] for t in range(a, z) if scored[t])
+            add(mention_kind(text, match.start()), *match.span(1), bits, scored)
+        last: dict[str, int] = {}
+        for match in LINE.finditer(text):
+            name, start = match.group(1), match.start(3)
+            if match.group(2) == ": ":
+                kind = "stated"
+            else:
+                kind = "read-back" if start - last.get(name, start - NEAR) < NEAR else "far recall"
+            add(kind, *match.span(3), bits, scored)
+            last[name] = start
     return {kind: {part: (float(np.mean(v)) if v else float("nan"), len(v)) for part, v in parts.items()}
             for kind, parts in sums.items()}
 

@@ -186,7 +186,7 @@ def stack_arguments(recipe: Recipe, vocab_size: int) -> dict:
         "mlp_dim": m.mlp_dim, "dropout": m.dropout, "attn_dropout": m.attn_dropout,
         "final_dropout": m.dropout if m.final_dropout is None else m.final_dropout,
         "normalize_keys": m.normalize_keys, "logit_scale": m.logit_scale,
-        "attention_scale_init": m.attention_scale_init,
+        "attention_scale_init": m.attention_scale_init, "smear_keys": m.smear_keys,
         "absolute_positions": m.absolute_positions, "position": m.position_bias,
         "position_options": dict(m.position_options),
         "mlp_activation": m.mlp_activation, "mlp_use_bias": m.mlp_use_bias,

@@ -50,6 +50,7 @@ class ModelConfig:
     absolute_positions: bool = False  # sinusoids added to the embeddings (meliad's use_absolute_positions)
     normalize_keys: bool = True
     attention_scale_init: float = 1.0  # initial learned attention scale with normalised keys (meliad: 1)
+    smear_keys: bool = False  # beyond meliad: each key mixes in the previous token's key (layers/block.py)
     logit_scale: str = field(default="sqrt_vocab", metadata=_choice(*LOGIT_SCALES))
     dtype: str = field(default="float32", metadata=_choice(*DTYPES))
     position_options: dict = field(default_factory=dict)  # options the position plugin declares

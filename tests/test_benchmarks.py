@@ -177,3 +177,81 @@ def test_copy_probe_finds_every_kind_of_mention():
     assert table["stated"]["first"][0] == 5.0
     far_chars = sum(end - start for start, end in doc.long_range_spans)
     assert table["far recall"]["first"][1] + table["far recall"]["rest"][1] == far_chars
+
+
+def test_copy_probe_reads_the_lines_layout():
+    """Bits placed on the read-backs come back under them only; the far recalls are exactly the source's
+    long-range spans."""
+    import numpy as np
+    from meliad_data.synthetic import SyntheticLedgers
+
+    probe = load_script("copy_probe")
+    doc = SyntheticLedgers("eval", 1, document_length=1500, num_facts=3, recalls_per_fact=1,
+                           min_recall_distance=500, layout="lines")[0]
+    ids = np.frombuffer(doc.text.encode(), np.uint8).astype(np.int32) + probe.BYTE_OFFSET
+    n = 128
+    ids = np.concatenate([ids, np.zeros(-len(ids) % n, np.int32)])
+    target_bits = np.full(len(ids), 5.0, np.float32)
+    for m in probe.LINE.finditer(doc.text):
+        if m.group(2) == " = ":
+            target_bits[m.start(3):m.end(3)] = 0.5
+    for start, end in doc.long_range_spans:
+        target_bits[start:end] = 2.0
+    bits = np.concatenate([target_bits[1:], [0.0]]).astype(np.float32)
+    k = len(ids) // n
+    losses = {"tokens": ids.reshape(k, 1, n), "bits": bits.reshape(k, 1, n),
+              "scored": (ids > 0).reshape(k, 1, n), "start_of_sequence": np.eye(k, 1, dtype=bool)}
+    table = probe.copy_table(losses)
+    assert set(table) == {"stated", "read-back", "far recall"}
+    assert table["read-back"]["rest"][0] == 0.5 and table["stated"]["rest"][0] == 5.0
+    assert table["far recall"]["first"][0] == 2.0 and table["far recall"]["rest"][0] == 2.0
+    far_chars = sum(end - start for start, end in doc.long_range_spans)
+    assert table["far recall"]["first"][1] + table["far recall"]["rest"][1] == far_chars == 3 * 12
+
+
+def test_knn_probe_pairs_each_word_with_its_previous_mention_and_ranks_by_score():
+    import numpy as np
+    from meliad_data.synthetic import SyntheticLedgers
+    from meliad_vocab import ByteVocabulary
+
+    probe = load_script("knn_probe")
+    doc = SyntheticLedgers("eval", 1, document_length=1500, num_facts=2, recalls_per_fact=1,
+                           min_recall_distance=500, layout="lines", value_letters=4)[0]
+    ids, starts, ends = ByteVocabulary().encode_with_offsets(doc.text)
+    pairs = probe.copy_pairs(doc.text, {a for a, _ in doc.long_range_spans}, starts, ends)
+    far = [p for p in pairs if p[0] == "far recall"]
+    assert len(far) == 2 * 3  # two far recalls, letters 2-4 of each
+    for kind, t, s in pairs:  # the query's token is the one before the needed key's token, both the same value
+        assert doc.text[starts[t]] == doc.text[starts[s] - 1] and doc.text[starts[t] + 1] == doc.text[starts[s]]
+        assert s < t
+    # ranks: the needed key scores highest -> 0; one other key above it -> 1; keys out of range are left out
+    rng = np.random.default_rng(0)
+    keys = rng.normal(size=(40, 2, 4)).astype(np.float32)
+    queries = np.zeros_like(keys)
+    queries[30] = keys[5] * 10  # query 30 matches key 5 (both heads)
+    keys[6] = keys[5] * 2  # ... but key 6 scores higher still
+    ranks = probe.key_ranks(queries, keys, [("far recall", 30, 5), ("read-back", 30, 5), ("far recall", 30, 35)],
+                            segment_length=10, window=10, memory_size=30)
+    assert ranks["far recall"].tolist() == [[1, 1]]  # key 35 is not in the memory yet: left out
+    assert "read-back" not in ranks  # key 5 is out of the local window's reach (keys 20..30)
+
+
+def test_knn_probe_reads_a_memorizing_run_and_refuses_others(tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "KERAS_BACKEND": BACKEND, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    settings = ["data.options.layout=lines", "data.options.value_letters=4", "data.options.document_length=1500",
+                "data.options.min_recall_distance=500", "data.batch_size=2", "train.steps=2",
+                "train.checkpoint_every=2", "eval.every=2", "eval.report_batches=0", "model.num_layers=2",
+                "memory.size=512", "model.smear_keys=true"]
+    command = [sys.executable, "-m", "meliad_core.cli", "run", "recipes/demos/ledgers_memorizing.yaml", "--backend",
+               BACKEND, "--workdir", str(run)] + [a for s in settings for a in ("--set", s)]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600,
+                          cwd=BENCHMARKS.parent)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = bench("knn_probe.py", str(run), "--documents", "1")
+    header, rows = table(out)
+    assert {row[0] for row in rows} == {"transformer1"} and {row[1] for row in rows} == {"far recall", "read-back"}
+    assert all(len(row[3].split(",")) == 4 for row in rows)  # a median rank per head
+    refused = subprocess.run([sys.executable, str(BENCHMARKS / "knn_probe.py"), str(tmp_path / "none")],
+                             capture_output=True, text=True, env=env, timeout=600)
+    assert refused.returncode == 1 and "no valid checkpoint" in refused.stderr

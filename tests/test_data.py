@@ -13,7 +13,7 @@ from meliad_core import data
 from meliad_core.config import DataConfig, RecipeError, validate_recipe
 from meliad_core.data import BatchStream, DataError, Document
 
-from meliad_data.synthetic import SyntheticLedgers
+from meliad_data.synthetic import SyntheticLedgers, ledger_words
 from meliad_data.text_files import TextFiles, split_files
 from meliad_vocab import ByteVocabulary
 
@@ -484,6 +484,76 @@ def test_synthetic_value_letters_makes_every_value_a_letter_code_recalled_far(in
     default = SyntheticLedgers("train", 3, document_length=3000, min_recall_distance=600)[index].text
     assert default == SyntheticLedgers("train", 3, document_length=3000, min_recall_distance=600,
                                        value_letters=0)[index].text
+
+
+@pytest.mark.parametrize("index", range(3))
+@pytest.mark.parametrize("value_words", [0, 4])
+def test_synthetic_lines_read_facts_back_nearby_and_tag_only_far_recalls(index, value_words):
+    doc = SyntheticLedgers("train", 3, document_length=3000, min_recall_distance=700, num_facts=4,
+                           recalls_per_fact=2, layout="lines", value_words=value_words)[index]
+    text = doc.text
+    value = r"[a-z]+(?: [a-z]+){3}" if value_words else r"[a-z]{12}"
+    lines = text.splitlines()
+    assert lines[0].startswith("The ledger of") and lines[-1] == "Here the ledger ends."
+    stated: dict[str, tuple[str, int]] = {}  # name -> (value, line number)
+    last: dict[str, int] = {}  # name -> offset of its last mention
+    far, near_gaps = [], []
+    offset = len(lines[0]) + 1
+    for number, line in enumerate(lines[1:-1], 1):
+        m = re.fullmatch(rf"(\w+)(: | = )({value})\.", line)
+        assert m, line
+        name, mark, found = m.groups()
+        at = offset + m.start(3)
+        if mark == ": ":  # a statement: a new fact
+            assert name not in stated
+            stated[name] = (found, number)
+            if value_words:
+                assert all(word in ledger_words() for word in found.split())
+        else:  # a read-back: the stated value, a few lines on (local) or far away (tagged)
+            assert stated[name][0] == found
+            if at - last[name] >= 700:
+                far.append((at, at + len(found)))
+            else:  # one of the last three facts stated
+                assert name in list(stated)[-3:]
+                near_gaps.append(number - stated[name][1])
+        last[name] = at
+        offset += len(line) + 1
+    assert sorted(doc.long_range_spans) == far and len(far) == 4 * 2  # exactly the far recalls are tagged
+    assert len(set(near_gaps)) > 2  # read back at several distances: no fixed offset
+    assert all(text.count(f"\n{name}: ") == 1 for name in stated)
+
+
+def test_synthetic_lines_read_backs_reach_up_to_the_read_back_distance():
+    doc = SyntheticLedgers("train", 2, document_length=6000, min_recall_distance=2500, num_facts=3,
+                           recalls_per_fact=1, layout="lines", read_back_distance=400)[1]
+    text = doc.text
+    stated = {m.group(1): m.start() for m in re.finditer(r"^(\w+): ", text, re.M)}
+    far = {a for a, _ in doc.long_range_spans}
+    backs = [(m.group(1), m.start()) for m in re.finditer(r"^(\w+) = ([a-z]+)", text, re.M) if m.start(2) not in far]
+    gaps = [at - stated[name] for name, at in backs]
+    assert min(gaps) < 100 and max(gaps) > 300  # near ones and far ones
+    for name, at in backs:  # one of the last three facts stated at least d <= 400 characters back
+        d = min(400, at - stated[name])
+        assert sum(1 for where in stated.values() if stated[name] < where <= at - d) <= 2
+
+
+def test_synthetic_value_words_also_serve_the_prose_layout():
+    doc = SyntheticLedgers("train", 2, document_length=2000, min_recall_distance=500, value_words=3)[0]
+    stated = dict(re.findall(r"The code of (\w+) is ([a-z ]+)\.", doc.text))
+    assert stated and all(len(v.split()) == 3 and all(w in ledger_words() for w in v.split())
+                          for v in stated.values())
+    assert all(doc.text[a:b] in stated.values() for a, b in doc.long_range_spans)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"layout": "grid"}, "data.options.layout: got 'grid', expected one of prose, lines"),
+    ({"layout": "lines", "near_recalls": 2}, "data.options.near_recalls: only the prose layout"),
+    ({"value_words": 2, "value_letters": 5}, "set one of them, not both"),
+])
+def test_synthetic_layout_options_are_checked(options, message):
+    cfg = DataConfig(segment_length=16, batch_size=1, options=options)
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        data.stream(cfg, seed=0)
 
 
 def test_synthetic_batches_tag_the_recalled_values():

@@ -8,7 +8,7 @@ import pytest
 
 from meliad_core.layers.knn_memory import filled_slots, reset_rows, write_segment
 from meliad_memory.stores import BucketedStore, ExactStore
-from model_helpers import copy_trainable, make_model, randomize_weights, segment_batch, tiny_recipe, to_numpy
+from model_helpers import TINY_MODEL, copy_trainable, make_model, randomize_weights, segment_batch, tiny_recipe, to_numpy
 
 ARCHS = ["xl", "memory", "recurrent"]
 
@@ -27,13 +27,16 @@ def _run(model, tokens: np.ndarray, segment_length: int, first_start=True) -> np
 
 
 @pytest.mark.parametrize("recurrence", [None, {"variant": "skip"}, {"variant": "dual", "gate": "lstm"},
-                                        {"variant": "single", "gate": "lstm"}, {"feedback": True}],
-                         ids=["xl", "rec-fixed-skip", "rec-lstm-dual", "rec-lstm-single", "rec-feedback"])
+                                        {"variant": "single", "gate": "lstm"}, {"feedback": True}, "smear"],
+                         ids=["xl", "rec-fixed-skip", "rec-lstm-dual", "rec-lstm-single", "rec-feedback",
+                              "xl-smear-keys"])
 def test_same_logits_whatever_the_segment_length(recurrence):
     """Segments of W or of 4W give the same per-token logits: the cache and state carry exactly."""
     w = 4
-    arch = "xl" if recurrence is None else "recurrent"
-    extra = {} if recurrence is None else {"recurrence": recurrence}
+    arch = "xl" if recurrence in (None, "smear") else "recurrent"
+    extra = {"model": {"smear_keys": True}} if recurrence == "smear" else {}
+    if isinstance(recurrence, dict):
+        extra = {"recurrence": recurrence}
     short = make_model(tiny_recipe(arch, window=w, segment_length=w, **extra))
     long = make_model(tiny_recipe(arch, window=w, segment_length=4 * w, **extra))
     randomize_weights(short, seed=1)
@@ -231,3 +234,31 @@ def test_gradient_flows_from_window_to_window_inside_a_segment(feedback):
     x = np.random.default_rng(14).normal(size=(2, 2 * w, 16)).astype("float32")
     grad = input_gradient(window1_output, x)
     assert np.abs(grad[:, :w]).max() > 1e-4  # window 0's input reaches window 1's output
+
+
+def test_smeared_keys_mix_in_the_previous_token_and_vanish_when_closed():
+    """With `model.smear_keys` a key is σ(a)·K_t + (1 − σ(a))·K_(t−1): a → +∞ gives the plain model's
+    logits exactly; a = 0 changes them; and the first token of a document mixes in no earlier key."""
+    plain = make_model(tiny_recipe("memory"))
+    smeared = make_model(tiny_recipe("memory", model={"smear_keys": True}))
+    randomize_weights(plain, seed=2)
+    by_path = {var.path: var for var in plain.trainable_weights}
+    smears = [var for var in smeared.trainable_weights if var.path.endswith("key_smear")]
+    assert len(smears) == TINY_MODEL["num_layers"]
+    for var in smeared.trainable_weights:
+        if var.path.endswith("key_smear"):
+            var.assign(np.full(var.shape, 60.0, "float32"))  # σ = 1: the key of this token only
+        else:
+            var.assign(by_path[var.path].value)
+    tokens = _document(np.random.default_rng(0), 2, 24)
+    expected = _run(plain, tokens, 8)
+    np.testing.assert_allclose(_run(smeared, tokens, 8), expected, rtol=1e-5, atol=1e-6)
+    for var in smears:
+        var.assign(np.zeros(var.shape, "float32"))
+    half = _run(smeared, tokens, 8)
+    assert np.abs(half - expected).max() > 1e-3
+    # position 0 of a document: its previous key is zeros, whatever the previous document held
+    first = to_numpy(smeared(segment_batch(tokens[:, :8], True)))
+    _run(smeared, _document(np.random.default_rng(5), 2, 16), 8)  # another document before
+    again = to_numpy(smeared(segment_batch(tokens[:, :8], True)))
+    np.testing.assert_allclose(again, first, rtol=1e-5, atol=1e-6)

@@ -7,6 +7,11 @@
     [feedback]   y ⊕= tokens attending to another layer's state (block feedback, spec §8.6)
     h = x + concat_heads(y)·Wo;   out = h + dropout(act(Norm(h)·W1)·W2)
 
+With `smear_keys` (beyond meliad) each head's key is σ(a)·K_t + (1 − σ(a))·K_(t−1) before it is
+normalised (a learned per head, 0 at init), the previous token's key carried across segments: a key
+then says which token came before it, so a one-layer copy ("induction") head can find where the
+current token was followed before, locally and in the kNN memory (docs/long_range.md, experiment 14).
+
 The layer is a function of (x, state, start_of_sequence) returning (out, new_state); its state is
 the union of its mechanisms' states (`state_spec`).
 """
@@ -23,6 +28,8 @@ from meliad_core.layers.common import ACTIVATIONS, LayerNorm, add_dense, dense, 
 from meliad_core.layers.knn_memory import KNNMemory
 from meliad_core.layers.windowed_attention import WindowedAttention
 
+PREVIOUS_KEY = "previous_key"  # state of `smear_keys`: the raw key of the segment's last token (B, H, D)
+
 
 @keras.saving.register_keras_serializable(package="meliad")
 class TransformerBlock(keras.layers.Layer):
@@ -32,11 +39,12 @@ class TransformerBlock(keras.layers.Layer):
                  attention_scale_init: float = 1.0, dropout: float = 0.0, attn_dropout: float = 0.0, use_causal_mask: bool = True,
                  mlp_activation: str = "relu", mlp_use_bias: bool = False, norm_use_mean: bool = False,
                  norm_use_bias: bool = False, memory: dict | None = None, recurrence: dict | None = None,
-                 feedback: bool = False, seed: int | None = None, **kwargs):
+                 feedback: bool = False, smear_keys: bool = False, seed: int | None = None, **kwargs):
         super().__init__(**kwargs)
         self.embed_dim, self.num_heads, self.head_dim, self.mlp_dim = embed_dim, num_heads, head_dim, mlp_dim
         self.normalize_keys, self.dropout = normalize_keys, dropout
         self.attention_scale_init = attention_scale_init
+        self.smear_keys = smear_keys
         self.mlp_activation, self.mlp_use_bias = mlp_activation, mlp_use_bias
         self.memory_args = dict(memory) if memory else None
         self.recurrence_args = dict(recurrence) if recurrence else None
@@ -50,7 +58,8 @@ class TransformerBlock(keras.layers.Layer):
                             dropout=dropout, attn_dropout=attn_dropout,
                             use_causal_mask=use_causal_mask, mlp_activation=mlp_activation,
                             mlp_use_bias=mlp_use_bias, norm_use_mean=norm_use_mean, norm_use_bias=norm_use_bias,
-                            memory=self.memory_args, recurrence=self.recurrence_args, feedback=feedback, seed=seed)
+                            memory=self.memory_args, recurrence=self.recurrence_args, feedback=feedback,
+                            smear_keys=smear_keys, seed=seed)
         norm = dict(use_mean=norm_use_mean, use_bias=norm_use_bias)
         self.pre_attn_norm = LayerNorm(name="pre_attn_layernorm", **norm)
         self.pre_ffn_norm = LayerNorm(name="pre_ffn_layernorm", **norm)
@@ -81,6 +90,9 @@ class TransformerBlock(keras.layers.Layer):
         self.w_q, _ = add_dense(self, e, hd, "queries")
         self.w_k, _ = add_dense(self, e, hd, "keys")
         self.w_v, _ = add_dense(self, e, hd, "values")
+        self.key_smear = None
+        if self.smear_keys:
+            self.key_smear = self.add_weight(shape=(h,), initializer="zeros", name="key_smear")
         if self.cross:
             self.w_q2, _ = add_dense(self, e, hd, "queries2")
         # learned per-head scales only with normalised keys; otherwise queries carry 1/√D and no scale
@@ -106,6 +118,8 @@ class TransformerBlock(keras.layers.Layer):
         for mechanism in (self.memory, self.recurrence):
             if mechanism is not None:
                 spec.update(mechanism.state_spec(batch_size))
+        if self.smear_keys:
+            spec[PREVIOUS_KEY] = ((batch_size, self.num_heads, self.head_dim), "float32")
         return spec
 
     def _queries(self, xn, weight):
@@ -122,9 +136,11 @@ class TransformerBlock(keras.layers.Layer):
         """
         n, h, d = x.shape[1], self.num_heads, self.head_dim
         xn = tiled_dropout(self.pre_attn_norm(x), self.dropout, self.seed_generator, training)
-        q, k, v = self._qkv(xn)
+        q, k, v, last_key = self._qkv(xn, state, start_of_sequence)
         y, new_state, (kw, vw, q_used) = self.attention(q, k, v, state, start_of_sequence, scale=self.scale,
                                                         seed_generator=self.seed_generator, training=training)
+        if last_key is not None:
+            new_state[PREVIOUS_KEY] = last_key
         if self.memory is not None:
             y, memory_state = self.memory(q, k, v, y, state, start_of_sequence, scale=self.scale,
                                           attend_queries=q_used, stream=stream)
@@ -144,12 +160,21 @@ class TransformerBlock(keras.layers.Layer):
 
         return self._output(x, y, training), new_state
 
-    def _qkv(self, xn):
-        """Queries (normalised, or carrying 1/√D), keys (normalised) and values, each (B, T, H, D)."""
+    def _qkv(self, xn, state: dict, start):
+        """Queries (normalised, or carrying 1/√D), keys (normalised) and values, each (B, T, H, D), and
+        with `smear_keys` the raw key of the last token (B, H, D) to carry (else None). `start` (B,) bool:
+        rows starting a document here, whose first token has no previous key."""
         h, d = self.num_heads, self.head_dim
         k = split_heads(ops.matmul(xn, self.w_k), h, d)
+        last_key = None
+        if self.key_smear is not None:
+            previous = ops.cast(state[PREVIOUS_KEY], k.dtype)
+            previous = ops.where(ops.reshape(start, (-1, 1, 1)), ops.zeros_like(previous), previous)
+            shifted = ops.concatenate([previous[:, None], k[:, :-1]], axis=1)
+            mix = ops.cast(ops.reshape(ops.sigmoid(self.key_smear), (1, 1, h, 1)), k.dtype)
+            k, last_key = mix * k + (1.0 - mix) * shifted, k[:, -1]
         return (self._queries(xn, self.w_q), l2_normalize(k) if self.normalize_keys else k,
-                split_heads(ops.matmul(xn, self.w_v), h, d))
+                split_heads(ops.matmul(xn, self.w_v), h, d), last_key)
 
     def _output(self, x, y, training: bool = False, decoding: bool = False):
         """x + concat_heads(y)·Wo, then the FFN residual (dropout only when training). Decoding calls
@@ -169,6 +194,8 @@ class TransformerBlock(keras.layers.Layer):
     def decode_spec(self, batch_size: int, segment_length: int) -> dict[str, tuple[tuple[int, ...], str]]:
         """Name -> (shape, dtype) of this layer's decoding state (see `decode_step`)."""
         spec = dict(self.attention.decode_spec(batch_size))
+        if self.smear_keys:
+            spec[PREVIOUS_KEY] = ((batch_size, self.num_heads, self.head_dim), "float32")
         if self.memory is not None:
             spec.update(self.memory.decode_spec(batch_size, segment_length))
         if self.recurrence is not None:
@@ -194,10 +221,12 @@ class TransformerBlock(keras.layers.Layer):
         tensors); start (B,) bool, rows starting a document with it. The recurrent state must have had
         `recurrence.decode_begin` this step. Returns (y (B, 1, E), new_state), equal to `call`'s row."""
         xn = self.pre_attn_norm.call(x)  # see _output
-        q, k, v = self._qkv(xn)
+        q, k, v, last_key = self._qkv(xn, state, start)
         y, attention_state, (kw, vw, q_used) = self.attention.decode_step(q, k, v, state, index, start,
                                                                           scale=self.scale)
         new_state = {**state, **attention_state}
+        if last_key is not None:
+            new_state[PREVIOUS_KEY] = ops.cast(last_key, state[PREVIOUS_KEY].dtype)
         if self.memory is not None:
             y, memory_state = self.memory.decode_step(q, k, v, y, state, position, start, scale=self.scale,
                                                       attend_queries=q_used)

@@ -34,8 +34,8 @@ class DecoderStack(keras.layers.Layer):
                  mlp_activation: str = "relu", mlp_use_bias: bool = False, norm_use_mean: bool = False,
                  norm_use_bias: bool = False, use_causal_mask: bool = True, embedding_stddev: float = 1.0,
                  use_final_layernorm: bool = True, final_mlp: bool = False, memory_layers=(), memory=None,
-                 recurrent_layers=(), recurrence=None, feedback: bool = False, seed: int | None = None,
-                 **kwargs):
+                 recurrent_layers=(), recurrence=None, feedback: bool = False, smear_keys: bool = False,
+                 seed: int | None = None, **kwargs):
         super().__init__(**kwargs)
         self._config = {key: value for key, value in locals().items()
                         if key not in ("self", "kwargs", "__class__")}
@@ -60,7 +60,7 @@ class DecoderStack(keras.layers.Layer):
                 mlp_use_bias=mlp_use_bias, norm_use_mean=norm_use_mean, norm_use_bias=norm_use_bias,
                 memory=memory if i in memory_layers else None,
                 recurrence=recurrence if is_recurrent else None, feedback=feedback and not is_recurrent,
-                seed=None if seed is None else seed + 1 + i, name=f"transformer{i}"))
+                smear_keys=smear_keys, seed=None if seed is None else seed + 1 + i, name=f"transformer{i}"))
         self.final_norm = None
         if use_final_layernorm:
             self.final_norm = LayerNorm(name="final_layernorm", use_mean=norm_use_mean, use_bias=norm_use_bias)

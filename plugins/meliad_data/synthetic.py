@@ -32,15 +32,34 @@ Options (`data.options`):
                          letters after the first few can be copied by the preceding ones (each value's
                          letter pairs are rare in a document), a denser copy signal than a name
                          (docs/long_range.md)
+    layout               beyond meliad: `prose` (default) is the ledger above; `lines` states one fact per line
+                         ("Tarin: fold weary lamp.") and, after 7 statements in 10, reads one of the last
+                         three back at once ("Tarin = fold weary lamp."), so the read-back lies 0-2 lines
+                         after its statement and only its name and content say where. The facts to recall
+                         open the document, fresh one-off facts fill it, and a far recall is a read-back
+                         line at least `min_recall_distance` characters after the fact's last mention, its
+                         value tagged long-range. The read-backs teach a content-keyed copy, the one skill
+                         the memory needs to use what it holds (docs/long_range.md, experiments 13-15)
+    read_back_distance   beyond meliad, `lines` layout: D > 0 makes each read-back read one of the last three
+                         facts stated at least d characters before it, d drawn uniformly in [0, D], so that
+                         some copies lie where the relative position bias no longer tells distances apart
+                         (0, the default: one of the last three facts stated)
+    value_words          beyond meliad: K > 0 makes every value K words drawn from `ledger_words.txt` (2017
+                         lowercase words, each one piece of the PG19 4000-piece SentencePiece vocabulary), so
+                         that with that vocabulary each word is one token (0: codes, or `value_letters`)
     corpus_seed          which corpus (0)
 """
 
 from __future__ import annotations
 
 import collections.abc
+import functools
+import pathlib
 import random
 
 from meliad_core.data import Document
+
+from meliad_core.config import RecipeError
 
 from ._options import get_int
 
@@ -49,9 +68,14 @@ MAX_DOCUMENTS = 10_000_000
 MAX_DOCUMENT_LENGTH = 100_000_000  # characters, like a very long book
 MAX_FACTS = 100_000
 MAX_VALUE_LETTERS = 1000
+MAX_VALUE_WORDS = 1000
 
 OPTIONS = ("num_documents", "num_eval_documents", "document_length", "num_facts", "recalls_per_fact",
-           "min_recall_distance", "near_recalls", "value_letters", "corpus_seed")
+           "min_recall_distance", "near_recalls", "value_letters", "layout", "value_words", "read_back_distance", "corpus_seed")
+LAYOUTS = ("prose", "lines")
+LINES_VALUE_LETTERS = 12  # the `lines` layout's values when neither value_words nor value_letters is set
+READ_BACK_RATE = 0.7  # the `lines` layout: the chance that a statement is followed by a read-back ...
+READ_BACK_FROM = 3  # ... of one of the last 3 facts stated (0-2 other lines between: no fixed offset)
 
 SYLLABLES = ("ka", "ri", "to", "mel", "an", "dor", "vi", "sa", "lu", "ben", "tor", "eth", "ni", "ro", "gal",
              "fen", "mi", "os", "ar", "quin", "bel", "ta", "zu", "ler", "mo", "ca", "del", "ha", "ur", "pe")
@@ -92,6 +116,16 @@ def _letters(rng: random.Random, count: int) -> str:
     return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(count))
 
 
+@functools.lru_cache(maxsize=1)
+def ledger_words() -> tuple[str, ...]:
+    return tuple(pathlib.Path(__file__).with_name("ledger_words.txt").read_text().split())
+
+
+def _words(rng: random.Random, count: int) -> str:
+    words = ledger_words()
+    return " ".join(rng.choice(words) for _ in range(count))
+
+
 def _filler(rng: random.Random) -> str:
     """One sentence of local structure: templates over a small lexicon, some with a repetition."""
     kind = rng.randrange(5)
@@ -116,7 +150,10 @@ class SyntheticLedgers(collections.abc.Sequence):
 
     def __init__(self, split: str, num_documents: int, document_length: int = 6000, num_facts: int = 6,
                  recalls_per_fact: int = 2, min_recall_distance: int = 512, corpus_seed: int = 0,
-                 near_recalls: int = 0, value_letters: int = 0):
+                 near_recalls: int = 0, value_letters: int = 0, layout: str = "prose", value_words: int = 0,
+                 read_back_distance: int = 0):
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.split = split
         self.num_documents = num_documents
         self.document_length = document_length
@@ -126,6 +163,9 @@ class SyntheticLedgers(collections.abc.Sequence):
         self.corpus_seed = corpus_seed
         self.near_recalls = near_recalls
         self.value_letters = value_letters
+        self.layout = layout
+        self.value_words = value_words
+        self.read_back_distance = read_back_distance
 
     def __len__(self) -> int:
         return self.num_documents
@@ -139,7 +179,14 @@ class SyntheticLedgers(collections.abc.Sequence):
             raise IndexError(index)
         return self.generate(index)
 
+    def _value(self, rng: random.Random, default_letters: int = 0) -> str:
+        if self.value_words:
+            return _words(rng, self.value_words)
+        return _letters(rng, self.value_letters or default_letters)
+
     def generate(self, index: int) -> Document:
+        if self.layout == "lines":
+            return self.generate_lines(index)
         # Seeding random.Random with a str hashes it with SHA-512: stable across Python versions.
         rng = random.Random(f"meliad-synthetic/{self.corpus_seed}/{self.split}/{index}")
         names: list[str] = []
@@ -149,8 +196,8 @@ class SyntheticLedgers(collections.abc.Sequence):
                 names.append(name)
         facts = []  # (statement, recall template, value)
         for name in names:
-            if self.value_letters:
-                value = _letters(rng, self.value_letters)
+            if self.value_letters or self.value_words:
+                value = self._value(rng)
                 facts.append((f"The code of {name} is {value}.", f"the code of {name} is ", value))
             elif rng.random() < 0.5:
                 value = _code(rng)
@@ -207,10 +254,90 @@ class SyntheticLedgers(collections.abc.Sequence):
         add("Here the ledger ends.\n")
         return Document("".join(parts), tuple(spans), name=f"synthetic/{self.split}/{index}")
 
+    def generate_lines(self, index: int) -> Document:
+        """The `lines` layout: a fact per line, most read back a line or two later, some recalled far."""
+        rng = random.Random(f"meliad-synthetic-lines/{self.corpus_seed}/{self.split}/{index}")
+        parts: list[str] = []
+        spans: list[tuple[int, int]] = []
+        length = 0
+        used: set[str] = set()
+
+        def add(text: str) -> int:
+            nonlocal length
+            parts.append(text)
+            length += len(text)
+            return length - len(text)
+
+        def fresh_fact() -> tuple[str, str]:
+            while True:  # a name of its own, so that a name points to one fact only
+                name = _name(rng)
+                if name not in used:
+                    used.add(name)
+                    return name, self._value(rng, LINES_VALUE_LETTERS)
+
+        last_mention: dict[str, int] = {}
+
+        def write(fact: tuple[str, str], mark: str, recall: bool = False) -> None:
+            name, value = fact
+            add(f"{name}{mark}")
+            start = add(value)
+            add(".\n")
+            last_mention[name] = start
+            if recall:
+                spans.append((start, start + len(value)))
+
+        statements: list[tuple[int, tuple[str, str]]] = []  # (where, fact), in order
+
+        def state(fact: tuple[str, str]) -> None:
+            statements.append((add(""), fact))
+            write(fact, ": ")
+            if rng.random() < READ_BACK_RATE:
+                # the last READ_BACK_FROM facts stated at least d characters back, d in [0, read_back_distance]
+                reach = rng.randint(0, self.read_back_distance)
+                cut = len(statements)
+                while cut and statements[cut - 1][0] > length - reach:
+                    cut -= 1
+                candidates = statements[max(0, cut - READ_BACK_FROM):cut]
+                if candidates:
+                    write(rng.choice(candidates)[1], " = ")
+
+        add(f"The ledger of {_place(rng)}, number {index}.\n")
+        facts = [fresh_fact() for _ in range(self.num_facts)]
+        for fact in facts:
+            state(fact)
+        distance = self.min_recall_distance
+        end = max(self.document_length, length + distance)
+        pending = sorted((rng.randint(length + distance, end), f)
+                         for f in range(len(facts)) for _ in range(self.recalls_per_fact))
+        while length < self.document_length or pending:
+            if pending and length >= pending[0][0]:
+                target, f = pending.pop(0)
+                previous = last_mention[facts[f][0]]
+                if length - previous < distance:  # too close to its last mention: later
+                    pending.append((previous + distance, f))
+                    pending.sort()
+                    continue
+                write(facts[f], " = ", recall=True)
+            else:
+                state(fresh_fact())
+        add("Here the ledger ends.\n")
+        return Document("".join(parts), tuple(spans), name=f"synthetic/{self.split}/{index}")
+
 
 def open_synthetic(data_config, split: str, seed: int) -> SyntheticLedgers:
     """Factory for the `synthetic` source; `seed` is unused (the stream shuffles the Sequence)."""
     options = data_config.options or {}
+    layout = options.get("layout", "prose")
+    if layout not in LAYOUTS:
+        raise RecipeError(f"data.options.layout: got {layout!r}, expected one of {', '.join(LAYOUTS)}")
+    near_recalls = get_int(options, "near_recalls", 0, minimum=0, maximum=MAX_FACTS)
+    if layout == "lines" and near_recalls:
+        raise RecipeError("data.options.near_recalls: only the prose layout takes it (the lines layout reads "
+                          "facts back on its own); remove it or use layout: prose")
+    value_words = get_int(options, "value_words", 0, minimum=0, maximum=MAX_VALUE_WORDS)
+    value_letters = get_int(options, "value_letters", 0, minimum=0, maximum=MAX_VALUE_LETTERS)
+    if value_words and value_letters:
+        raise RecipeError("data.options.value_words and value_letters: set one of them, not both")
     count = (get_int(options, "num_documents", 1024, minimum=1, maximum=MAX_DOCUMENTS) if split == "train"
              else get_int(options, "num_eval_documents", 128, minimum=1, maximum=MAX_DOCUMENTS))
     return SyntheticLedgers(
@@ -221,8 +348,11 @@ def open_synthetic(data_config, split: str, seed: int) -> SyntheticLedgers:
         recalls_per_fact=get_int(options, "recalls_per_fact", 2, minimum=0, maximum=MAX_FACTS),
         min_recall_distance=get_int(options, "min_recall_distance", 512, minimum=1, maximum=MAX_DOCUMENT_LENGTH),
         corpus_seed=get_int(options, "corpus_seed", 0, minimum=0),
-        near_recalls=get_int(options, "near_recalls", 0, minimum=0, maximum=MAX_FACTS),
-        value_letters=get_int(options, "value_letters", 0, minimum=0, maximum=MAX_VALUE_LETTERS),
+        near_recalls=near_recalls,
+        value_letters=value_letters,
+        layout=layout,
+        value_words=value_words,
+        read_back_distance=get_int(options, "read_back_distance", 0, minimum=0, maximum=MAX_DOCUMENT_LENGTH),
     )
 
 
