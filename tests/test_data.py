@@ -549,6 +549,7 @@ def test_synthetic_value_words_also_serve_the_prose_layout():
     ({"layout": "grid"}, "data.options.layout: got 'grid', expected one of prose, lines"),
     ({"layout": "lines", "near_recalls": 2}, "data.options.near_recalls: only the prose layout"),
     ({"value_words": 2, "value_letters": 5}, "set one of them, not both"),
+    ({"read_back_distance": 300}, "data.options.read_back_distance: only the lines layout takes it"),
 ])
 def test_synthetic_layout_options_are_checked(options, message):
     cfg = DataConfig(segment_length=16, batch_size=1, options=options)

@@ -34,8 +34,8 @@ Options (`data.options`):
                          (docs/long_range.md)
     layout               beyond meliad: `prose` (default) is the ledger above; `lines` states one fact per line
                          ("Tarin: fold weary lamp.") and, after 7 statements in 10, reads one of the last
-                         three back at once ("Tarin = fold weary lamp."), so the read-back lies 0-2 lines
-                         after its statement and only its name and content say where. The facts to recall
+                         three back at once ("Tarin = fold weary lamp."), so a read-back comes after up to two
+                         other facts' statements and only its name and content say where its value is. The facts to recall
                          open the document, fresh one-off facts fill it, and a far recall is a read-back
                          line at least `min_recall_distance` characters after the fact's last mention, its
                          value tagged long-range. The read-backs teach a content-keyed copy, the one skill
@@ -57,9 +57,8 @@ import functools
 import pathlib
 import random
 
-from meliad_core.data import Document
-
 from meliad_core.config import RecipeError
+from meliad_core.data import Document
 
 from ._options import get_int
 
@@ -71,7 +70,8 @@ MAX_VALUE_LETTERS = 1000
 MAX_VALUE_WORDS = 1000
 
 OPTIONS = ("num_documents", "num_eval_documents", "document_length", "num_facts", "recalls_per_fact",
-           "min_recall_distance", "near_recalls", "value_letters", "layout", "value_words", "read_back_distance", "corpus_seed")
+           "min_recall_distance", "near_recalls", "value_letters", "layout", "value_words", "read_back_distance",
+           "corpus_seed")
 LAYOUTS = ("prose", "lines")
 LINES_VALUE_LETTERS = 12  # the `lines` layout's values when neither value_words nor value_letters is set
 READ_BACK_RATE = 0.7  # the `lines` layout: the chance that a statement is followed by a read-back ...
@@ -334,6 +334,10 @@ def open_synthetic(data_config, split: str, seed: int) -> SyntheticLedgers:
     if layout == "lines" and near_recalls:
         raise RecipeError("data.options.near_recalls: only the prose layout takes it (the lines layout reads "
                           "facts back on its own); remove it or use layout: prose")
+    read_back_distance = get_int(options, "read_back_distance", 0, minimum=0, maximum=MAX_DOCUMENT_LENGTH)
+    if layout == "prose" and read_back_distance:
+        raise RecipeError("data.options.read_back_distance: only the lines layout takes it; remove it or set "
+                          "data.options.layout: lines")
     value_words = get_int(options, "value_words", 0, minimum=0, maximum=MAX_VALUE_WORDS)
     value_letters = get_int(options, "value_letters", 0, minimum=0, maximum=MAX_VALUE_LETTERS)
     if value_words and value_letters:
@@ -352,7 +356,7 @@ def open_synthetic(data_config, split: str, seed: int) -> SyntheticLedgers:
         value_letters=value_letters,
         layout=layout,
         value_words=value_words,
-        read_back_distance=get_int(options, "read_back_distance", 0, minimum=0, maximum=MAX_DOCUMENT_LENGTH),
+        read_back_distance=read_back_distance,
     )
 
 
