@@ -71,7 +71,7 @@ def record_memory_layers(model) -> dict[str, list]:
     from keras import ops
 
     recorded: dict[str, list] = {}
-    for block in model.stack.blocks if hasattr(model, "stack") else []:
+    for block in model.stack.blocks:
         memory = getattr(block, "memory", None)
         if memory is None:
             continue

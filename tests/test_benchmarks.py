@@ -150,6 +150,20 @@ def test_scaling_default_configurations_are_valid(part, values):
         validate_recipe(mapping)
 
 
+def _probe_losses(probe, text: str, target_bits):
+    """`meliad eval --token-losses` arrays for a bytes-encoded text, one row of 128-token segments, with
+    target_bits(ids) -> the bits of predicting each character (a numpy array as long as the ids)."""
+    import numpy as np
+
+    ids = np.frombuffer(text.encode(), np.uint8).astype(np.int32) + probe.BYTE_OFFSET
+    n = 128
+    ids = np.concatenate([ids, np.zeros(-len(ids) % n, np.int32)])
+    bits = np.concatenate([target_bits(ids)[1:], [0.0]]).astype(np.float32)  # bits[t]: loss of predicting t + 1
+    k = len(ids) // n
+    return {"tokens": ids.reshape(k, 1, n), "bits": bits.reshape(k, 1, n),
+            "scored": (ids > 0).reshape(k, 1, n), "start_of_sequence": np.eye(k, 1, dtype=bool)}
+
+
 def test_copy_probe_finds_every_kind_of_mention():
     """Bits placed on the read-back values only come back under the read-backs, and the far recalls are
     the synthetic source's own long-range spans."""
@@ -159,18 +173,15 @@ def test_copy_probe_finds_every_kind_of_mention():
     probe = load_script("copy_probe")
     doc = SyntheticLedgers("eval", 1, document_length=1500, num_facts=3, recalls_per_fact=1,
                            min_recall_distance=400, near_recalls=2)[0]
-    ids = np.frombuffer(doc.text.encode(), np.uint8).astype(np.int32) + probe.BYTE_OFFSET
-    n = 128
-    ids = np.concatenate([ids, np.zeros(-len(ids) % n, np.int32)])
-    target_bits = np.full(len(ids), 5.0, np.float32)
-    for m in probe.VALUE.finditer(doc.text):
-        if probe.mention_kind(doc.text, m.start()).startswith("read-back"):
-            target_bits[m.start(1):m.end(1)] = 1.0
-    bits = np.concatenate([target_bits[1:], [0.0]]).astype(np.float32)  # bits[t]: loss of predicting t + 1
-    k = len(ids) // n
-    losses = {"tokens": ids.reshape(k, 1, n), "bits": bits.reshape(k, 1, n),
-              "scored": (ids > 0).reshape(k, 1, n), "start_of_sequence": np.eye(k, 1, dtype=bool)}
-    table = probe.copy_table(losses)
+
+    def target_bits(ids):
+        bits = np.full(len(ids), 5.0, np.float32)
+        for m in probe.VALUE.finditer(doc.text):
+            if probe.mention_kind(doc.text, m.start()).startswith("read-back"):
+                bits[m.start(1):m.end(1)] = 1.0
+        return bits
+
+    table = probe.copy_table(_probe_losses(probe, doc.text, target_bits))
     assert set(table) == {"stated", "read-back", "far recall"}
     assert table["read-back"]["rest"][0] == 1.0 and table["read-back"]["first"][0] == 1.0
     assert table["read-back"]["first"][1] == 3 * 2  # two read-backs after each of the three statements
@@ -188,20 +199,17 @@ def test_copy_probe_reads_the_lines_layout():
     probe = load_script("copy_probe")
     doc = SyntheticLedgers("eval", 1, document_length=1500, num_facts=3, recalls_per_fact=1,
                            min_recall_distance=500, layout="lines")[0]
-    ids = np.frombuffer(doc.text.encode(), np.uint8).astype(np.int32) + probe.BYTE_OFFSET
-    n = 128
-    ids = np.concatenate([ids, np.zeros(-len(ids) % n, np.int32)])
-    target_bits = np.full(len(ids), 5.0, np.float32)
-    for m in probe.LINE.finditer(doc.text):
-        if m.group(2) == " = ":
-            target_bits[m.start(3):m.end(3)] = 0.5
-    for start, end in doc.long_range_spans:
-        target_bits[start:end] = 2.0
-    bits = np.concatenate([target_bits[1:], [0.0]]).astype(np.float32)
-    k = len(ids) // n
-    losses = {"tokens": ids.reshape(k, 1, n), "bits": bits.reshape(k, 1, n),
-              "scored": (ids > 0).reshape(k, 1, n), "start_of_sequence": np.eye(k, 1, dtype=bool)}
-    table = probe.copy_table(losses)
+
+    def target_bits(ids):
+        bits = np.full(len(ids), 5.0, np.float32)
+        for m in probe.LINE.finditer(doc.text):
+            if m.group(2) == " = ":
+                bits[m.start(3):m.end(3)] = 0.5
+        for start, end in doc.long_range_spans:
+            bits[start:end] = 2.0
+        return bits
+
+    table = probe.copy_table(_probe_losses(probe, doc.text, target_bits))
     assert set(table) == {"stated", "read-back", "far recall"}
     assert table["read-back"]["rest"][0] == 0.5 and table["stated"]["rest"][0] == 5.0
     assert table["far recall"]["first"][0] == 2.0 and table["far recall"]["rest"][0] == 2.0

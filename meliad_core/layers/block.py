@@ -118,9 +118,12 @@ class TransformerBlock(keras.layers.Layer):
         for mechanism in (self.memory, self.recurrence):
             if mechanism is not None:
                 spec.update(mechanism.state_spec(batch_size))
-        if self.smear_keys:
-            spec[PREVIOUS_KEY] = ((batch_size, self.num_heads, self.head_dim), "float32")
+        spec.update(self._smear_spec(batch_size))
         return spec
+
+    def _smear_spec(self, batch_size: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        """`smear_keys`' carried state (in the segment and the decoding state alike)."""
+        return {PREVIOUS_KEY: ((batch_size, self.num_heads, self.head_dim), "float32")} if self.smear_keys else {}
 
     def _queries(self, xn, weight):
         q = split_heads(ops.matmul(xn, weight), self.num_heads, self.head_dim)
@@ -193,9 +196,7 @@ class TransformerBlock(keras.layers.Layer):
 
     def decode_spec(self, batch_size: int, segment_length: int) -> dict[str, tuple[tuple[int, ...], str]]:
         """Name -> (shape, dtype) of this layer's decoding state (see `decode_step`)."""
-        spec = dict(self.attention.decode_spec(batch_size))
-        if self.smear_keys:
-            spec[PREVIOUS_KEY] = ((batch_size, self.num_heads, self.head_dim), "float32")
+        spec = {**self.attention.decode_spec(batch_size), **self._smear_spec(batch_size)}
         if self.memory is not None:
             spec.update(self.memory.decode_spec(batch_size, segment_length))
         if self.recurrence is not None:

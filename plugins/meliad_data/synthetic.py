@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import collections.abc
 import functools
+from collections.abc import Callable
 import pathlib
 import random
 
@@ -230,29 +231,43 @@ class SyntheticLedgers(collections.abc.Sequence):
                 last_mention[g] = add(value)
                 add(".")
         add("\n")
-        facts_end = length
-        distance = self.min_recall_distance
-        end = max(self.document_length, facts_end + distance)
-        pending = sorted((rng.randint(facts_end + distance, end), f)
-                         for f in range(len(facts)) for _ in range(self.recalls_per_fact))
-        while length < self.document_length or pending:
-            if pending and length >= pending[0][0]:
-                target, f = pending.pop(0)
-                if length - last_mention[f] < distance:  # too close to its last mention: later
-                    pending.append((last_mention[f] + distance, f))
-                    pending.sort()
-                    continue
-                _, template, value = facts[f]
-                add(f"{rng.choice(LEADS)} {template}")
-                start = add(value)
-                add(".")
-                spans.append((start, start + len(value)))
-                last_mention[f] = start
-            else:
-                add(_filler(rng))
+        def recall(f: int) -> None:
+            _, template, value = facts[f]
+            add(f"{rng.choice(LEADS)} {template}")
+            start = add(value)
+            add(".")
+            spans.append((start, start + len(value)))
+            last_mention[f] = start
             add("\n" if rng.random() < 0.15 else " ")
+
+        def fill() -> None:
+            add(_filler(rng))
+            add("\n" if rng.random() < 0.15 else " ")
+
+        self._fill_and_recall(rng, len(facts), lambda: length, last_mention.__getitem__, recall, fill)
         add("Here the ledger ends.\n")
         return Document("".join(parts), tuple(spans), name=f"synthetic/{self.split}/{index}")
+
+    def _fill_and_recall(self, rng: random.Random, num_facts: int, length: Callable[[], int],
+                         last_mention: Callable[[int], int], recall: Callable[[int], None],
+                         fill: Callable[[], None]) -> None:
+        """Both layouts' body: `fill()` until the document is `document_length` long, with each fact's
+        `recall(f)` at random places after the facts, each at least `min_recall_distance` characters
+        after the fact's last mention (a recall that comes too close is put off)."""
+        distance, start = self.min_recall_distance, length()
+        end = max(self.document_length, start + distance)
+        pending = sorted((rng.randint(start + distance, end), f)
+                         for f in range(num_facts) for _ in range(self.recalls_per_fact))
+        while length() < self.document_length or pending:
+            if pending and length() >= pending[0][0]:
+                _, f = pending.pop(0)
+                if length() - last_mention(f) < distance:  # too close to its last mention: later
+                    pending.append((last_mention(f) + distance, f))
+                    pending.sort()
+                    continue
+                recall(f)
+            else:
+                fill()
 
     def generate_lines(self, index: int) -> Document:
         """The `lines` layout: a fact per line, most read back a line or two later, some recalled far."""
@@ -305,21 +320,8 @@ class SyntheticLedgers(collections.abc.Sequence):
         facts = [fresh_fact() for _ in range(self.num_facts)]
         for fact in facts:
             state(fact)
-        distance = self.min_recall_distance
-        end = max(self.document_length, length + distance)
-        pending = sorted((rng.randint(length + distance, end), f)
-                         for f in range(len(facts)) for _ in range(self.recalls_per_fact))
-        while length < self.document_length or pending:
-            if pending and length >= pending[0][0]:
-                target, f = pending.pop(0)
-                previous = last_mention[facts[f][0]]
-                if length - previous < distance:  # too close to its last mention: later
-                    pending.append((previous + distance, f))
-                    pending.sort()
-                    continue
-                write(facts[f], " = ", recall=True)
-            else:
-                state(fresh_fact())
+        self._fill_and_recall(rng, len(facts), lambda: length, lambda f: last_mention[facts[f][0]],
+                              lambda f: write(facts[f], " = ", recall=True), lambda: state(fresh_fact()))
         add("Here the ledger ends.\n")
         return Document("".join(parts), tuple(spans), name=f"synthetic/{self.split}/{index}")
 
