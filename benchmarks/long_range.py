@@ -2,7 +2,7 @@
 the same budget, over several seeds, then scores long-range tokens against the rest and bits/token by
 position in the document, and reports each mechanism's gain over XL with its spread over seeds.
 
-    python benchmarks/long_range.py --backend jax                         # the ledgers demo triple, 3 seeds
+    python benchmarks/long_range.py --backend jax --jobs 2                # the recall demo triple, 3 seeds
     python benchmarks/long_range.py --recipes demos --task books \\
         --set "data.options.paths=../shared/data/books/*.txt"               # the books demo triple
     python benchmarks/long_range.py --recipes bundled --steps 500 --seeds 1  # the faithful *_tiny recipes
@@ -19,7 +19,7 @@ there the comparison is by position (the first segment of a document, where no m
 to remember yet, against positions more than 2 segments in).
 
 Recipes (--recipes):
-  demos    recipes/demos/<task>_{xl,memorizing,recurrent} (--task ledgers or books): one size, data, steps
+  demos    recipes/demos/<task>_{xl,memorizing,recurrent} (--task recall, ledgers or books): one size, data, steps
            and seed per triple, with the options that let memory and recurrence learn at small budgets
            (docs/long_range.md). The default (auto) when they exist.
   bundled  the faithful transformer_xl_tiny, memorizing_tiny and block_recurrent_tiny.
@@ -40,6 +40,7 @@ bits/token by position bucket, one curve per model (mean over seeds, shaded ± o
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import math
 import os
@@ -54,7 +55,7 @@ sys.path.insert(0, HERE)
 
 MODELS = ("xl", "memorizing", "recurrent")
 BUNDLED = {"xl": "transformer_xl_tiny", "memorizing": "memorizing_tiny", "recurrent": "block_recurrent_tiny"}
-TASKS = ("ledgers", "books")
+TASKS = ("recall", "ledgers", "books")
 COMPARISON_JSON, COMPARISON_PNG = "long_range_comparison.json", "long_range.png"
 FORMAT = "meliad.long_range_comparison/1"
 
@@ -308,7 +309,9 @@ def main() -> None:
     parser.add_argument("--eval-batches", type=int, default=48, help="eval batches the report streams (default 48)")
     parser.add_argument("--recipes", choices=("auto", "demos", "bundled", "inline"), default="auto",
                         help="the demo triple if present (auto), the faithful tiny recipes, or the inline ones")
-    parser.add_argument("--task", choices=TASKS, default="ledgers", help="demos: which triple (default ledgers)")
+    parser.add_argument("--task", choices=TASKS, default="recall", help="demos: which triple (default recall)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs trained at once, each in its own process (default 1; timings then share the CPU)")
     parser.add_argument("--segment-length", type=int, default=128, help="inline recipes: data.segment_length")
     parser.add_argument("--window", type=int, default=64, help="inline recipes: attention.window of xl and recurrent")
     parser.add_argument("--batch-size", type=int, default=4, help="inline recipes: data.batch_size")
@@ -328,8 +331,8 @@ def main() -> None:
             comparison = json.load(f)
         print(plot_or_note(comparison, os.path.join(os.path.dirname(os.path.abspath(args.plot_from)), COMPARISON_PNG)))
         return
-    if (args.steps is not None and args.steps < 1) or args.eval_batches < 1:
-        parser.error("--steps and --eval-batches must be positive")
+    if (args.steps is not None and args.steps < 1) or args.eval_batches < 1 or args.jobs < 1:
+        parser.error("--steps, --eval-batches and --jobs must be positive")
     if args.one:
         print(json.dumps(one(args.one, args.seed, args)))
         return
@@ -356,22 +359,28 @@ def main() -> None:
     for text in args.sets:
         shared += ["--set", text]
     runs, failures = [], []
+
+    def train_one(model: str, seed: int) -> None:
+        proc = subprocess.run([sys.executable, __file__, "--one", model, "--seed", str(seed), *shared],
+                              env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+            failures.append([model, str(seed), f"failed: {tail[:100]}"])
+            return
+        run = json.loads(proc.stdout.strip().splitlines()[-1])
+        runs.append(run)
+        print(f"  {model} seed {seed}: {run['steps']} steps, {run['train_seconds']:.0f} s "
+              f"({run['train_cpu_seconds']:.0f} s CPU, load {run['load_before']} -> {run['load_after']}), "
+              f"long-range {_bits(run['long_range'])}, rest {_bits(run['rest'])}, "
+              f"first segment {_bits(run['first_segment'])}, beyond 2 {_bits(run['beyond_2_segments'])}",
+              flush=True)
+
     try:
-        for seed in args.seeds:
-            for model in args.models:
-                proc = subprocess.run([sys.executable, __file__, "--one", model, "--seed", str(seed), *shared],
-                                      env=env, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
-                    failures.append([model, str(seed), f"failed: {tail[:100]}"])
-                    continue
-                run = json.loads(proc.stdout.strip().splitlines()[-1])
-                runs.append(run)
-                print(f"  {model} seed {seed}: {run['steps']} steps, {run['train_seconds']:.0f} s "
-                      f"({run['train_cpu_seconds']:.0f} s CPU, load {run['load_before']} -> {run['load_after']}), "
-                      f"long-range {_bits(run['long_range'])}, rest {_bits(run['rest'])}, "
-                      f"first segment {_bits(run['first_segment'])}, beyond 2 {_bits(run['beyond_2_segments'])}",
-                      flush=True)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            for job in [pool.submit(train_one, model, seed) for seed in args.seeds for model in args.models]:
+                job.result()
+        order = [(model, seed) for seed in args.seeds for model in args.models]
+        runs.sort(key=lambda run: order.index((run["model"], run["seed"])))  # as --jobs 1 would list them
         rows = compare(runs)
         comparison = {"format": FORMAT, "command": command, "machine": machine(), "recipes": args.recipes,
                       "task": args.task if args.recipes == "demos" else None,

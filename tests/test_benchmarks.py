@@ -77,12 +77,13 @@ def test_long_range_prints_a_table(tmp_path):
 
 
 def test_long_range_seed_spread_gain_and_plot(tmp_path):
-    """Two seeds: every cell is a mean ± sd, the gains vs XL are paired by seed, the comparison JSON
-    holds one curve per model, and the plot is written (or skipped with one line without matplotlib)."""
+    """Two seeds, trained two at a time: every cell is a mean ± sd, the gains vs XL are paired by seed,
+    the runs are listed in their (seed, model) order whichever finishes first, the comparison JSON holds
+    one curve per model, and the plot is written (or skipped with one line without matplotlib)."""
     out = bench("long_range.py", "--recipes", "inline", "--models", "xl", "memorizing", "--steps", "2",
                 "--eval-batches", "3", "--segment-length", "16", "--window", "8", "--batch-size", "2",
                 "--memory-size", "64", "--neighbors", "8", "--seeds", "3", "4", "--workdir", str(tmp_path),
-                *TINY_MODEL)
+                "--jobs", "2", *TINY_MODEL)
     header, rows = table(out)
     assert [r[0] for r in rows] == ["xl", "memorizing"]
     for row in rows:
@@ -91,7 +92,9 @@ def test_long_range_seed_spread_gain_and_plot(tmp_path):
     gain = rows[1][header.index("gain beyond 2 segments")]
     assert gain.endswith(tuple("0123456789")) and "%" in gain and " ± " in gain
     comparison = json.loads((tmp_path / "long_range_comparison.json").read_text())
-    assert set(comparison["curves"]) == {"xl", "memorizing"} and len(comparison["runs"]) == 4
+    assert set(comparison["curves"]) == {"xl", "memorizing"}
+    assert [(r["model"], r["seed"]) for r in comparison["runs"]] == [("xl", 3), ("memorizing", 3), ("xl", 4),
+                                                                      ("memorizing", 4)]
     assert all(p["seeds"] == 2 for p in comparison["curves"]["xl"])
     try:
         import matplotlib  # noqa: F401

@@ -537,6 +537,28 @@ def test_synthetic_lines_read_backs_reach_up_to_the_read_back_distance():
         assert sum(1 for where in stated.values() if stated[name] < where <= at - d) <= 2
 
 
+@pytest.mark.parametrize("rate", [0.0, 0.7, 1.0])
+def test_synthetic_lines_read_back_rate_sets_how_many_statements_are_read_back(rate):
+    kwargs = dict(document_length=4000, min_recall_distance=1500, num_facts=3, recalls_per_fact=1, layout="lines")
+    doc = SyntheticLedgers("train", 2, read_back_rate=rate, **kwargs)[0]
+    far = {a for a, _ in doc.long_range_spans}
+    lines = doc.text.splitlines()[1:-1]
+    starts = [sum(len(line) + 1 for line in doc.text.splitlines()[:i + 1]) for i in range(len(lines))]
+    marks = [(" = " in line, start + line.index(" = ") + 3 in far if " = " in line else False)
+             for line, start in zip(lines, starts)]
+    statements = sum(1 for back, _ in marks if not back)
+    near = sum(1 for back, is_far in marks if back and not is_far)
+    assert len(far) == 3  # the far recalls do not depend on the rate
+    if rate == 0.0:
+        assert near == 0
+    elif rate == 1.0:  # every statement but the very first has a fact to read back
+        assert near == statements - 1 or near == statements
+    else:
+        assert 0.5 * statements < near < 0.9 * statements
+    if rate == 0.7:  # the default: the documents of earlier versions, byte for byte
+        assert doc.text == SyntheticLedgers("train", 2, **kwargs)[0].text
+
+
 def test_synthetic_value_words_also_serve_the_prose_layout():
     doc = SyntheticLedgers("train", 2, document_length=2000, min_recall_distance=500, value_words=3)[0]
     stated = dict(re.findall(r"The code of (\w+) is ([a-z ]+)\.", doc.text))
@@ -550,6 +572,8 @@ def test_synthetic_value_words_also_serve_the_prose_layout():
     ({"layout": "lines", "near_recalls": 2}, "data.options.near_recalls: only the prose layout"),
     ({"value_words": 2, "value_letters": 5}, "set one of them, not both"),
     ({"read_back_distance": 300}, "data.options.read_back_distance: only the lines layout takes it"),
+    ({"read_back_rate": 0.5}, "data.options.read_back_rate: only the lines layout takes it"),
+    ({"layout": "lines", "read_back_rate": 1.5}, "data.options.read_back_rate: got 1.5, expected a number in"),
 ])
 def test_synthetic_layout_options_are_checked(options, message):
     cfg = DataConfig(segment_length=16, batch_size=1, options=options)

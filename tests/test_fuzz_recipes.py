@@ -144,6 +144,7 @@ def _key_cases() -> list[tuple[str, dict, str | None, dict, str]]:
         changed("value_words=x", BASE, "data.options.value_words", "x"),
         changed("layout=grid", BASE, "data.options.layout", "grid"),
         changed("read_back_distance=-3", BASE, "data.options.read_back_distance", -3),
+        changed("read_back_rate=yes", BASE, "data.options.read_back_rate", "yes"),
         changed("vocab below vocabulary", BASE, "model.vocab_size", 100),
         changed("text_files without paths", text_files, "data.options", {}, "data.options.paths"),
         changed("text_files missing file", text_files, "data.options", {"paths": "/nonexistent/*.txt"},

@@ -148,11 +148,11 @@ def test_attention_scale_init_sets_every_learned_scale(name):
 
 
 def test_there_are_demo_triples():
-    for task in ("ledgers", "books"):
+    for task in ("recall", "ledgers", "books"):
         assert {f"{task}_xl", f"{task}_memorizing", f"{task}_recurrent"} <= set(DEMOS), DEMOS
 
 
-@pytest.mark.parametrize("task", ["ledgers", "books"])
+@pytest.mark.parametrize("task", ["recall", "ledgers", "books"])
 def test_demo_triples_differ_only_in_the_mechanism(task):
     """Same size, data, steps, seed and optimizer; memory only in memorizing, recurrence only in recurrent.
     The window may differ (memory needs W = N; the recurrent cell needs several blocks per segment)."""
@@ -183,3 +183,23 @@ def test_books_demo_streams_the_books():
     recipe = recipes.load_recipe("demos/books_xl", [f"data.options.paths={BOOKS}/*.txt"])
     batch = next(iter(data.stream(recipe)))
     assert tuple(batch["tokens"].shape) == (recipe.data.batch_size, recipe.data.segment_length)
+
+
+VOCAB_4000 = BOOKS.parent / "vocabs" / "pg19train_bpe_4000.model"
+
+
+@pytest.mark.skipif(not VOCAB_4000.is_file(), reason="the PG19 vocabularies of ../shared/data/vocabs are not here")
+def test_recall_demo_values_are_one_token_per_word_and_tagged():
+    """The recall triple's premise: with the 4000-piece vocabulary every value word is one token, so a far
+    recall's 8 words are 8 tagged tokens that a one-token content match can copy."""
+    from meliad_core.data import open_documents
+    from meliad_core.vocab import load_vocabulary
+    from meliad_data.synthetic import ledger_words
+
+    recipe = recipes.load_recipe("demos/recall_xl", [f"data.options.vocabulary_path={VOCAB_4000}"])
+    vocabulary = load_vocabulary(recipe.data)
+    assert all(len(vocabulary.encode(f"x {word}.")) == len(vocabulary.encode("x.")) + 1 for word in ledger_words())
+    document = open_documents(recipe.data, "eval")[0]
+    assert len(document.long_range_spans) == 4 * 3  # num_facts x recalls_per_fact
+    tokens, tagged = vocabulary.span_mask(document.text, document.long_range_spans)
+    assert int(np.sum(tagged)) == 8 * len(document.long_range_spans)

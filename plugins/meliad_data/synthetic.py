@@ -44,6 +44,8 @@ Options (`data.options`):
                          facts stated at least d characters before it, d drawn uniformly in [0, D], so that
                          some copies lie where the relative position bias no longer tells distances apart
                          (0, the default: one of the last three facts stated)
+    read_back_rate       beyond meliad, `lines` layout: the chance that a statement is followed by a read-back
+                         (0.7); 1.0 doubles the content-keyed copies a model trains on
     value_words          beyond meliad: K > 0 makes every value K words drawn from `ledger_words.txt` (2017
                          lowercase words, each one piece of the PG19 4000-piece SentencePiece vocabulary), so
                          that with that vocabulary each word is one token (0: codes, or `value_letters`)
@@ -61,7 +63,7 @@ import random
 from meliad_core.config import RecipeError
 from meliad_core.data import Document
 
-from ._options import get_int
+from ._options import get_float, get_int
 
 # bounds that stop absurd values before anything is generated (far above any real use)
 MAX_DOCUMENTS = 10_000_000
@@ -72,7 +74,7 @@ MAX_VALUE_WORDS = 1000
 
 OPTIONS = ("num_documents", "num_eval_documents", "document_length", "num_facts", "recalls_per_fact",
            "min_recall_distance", "near_recalls", "value_letters", "layout", "value_words", "read_back_distance",
-           "corpus_seed")
+           "read_back_rate", "corpus_seed")
 LAYOUTS = ("prose", "lines")
 LINES_VALUE_LETTERS = 12  # the `lines` layout's values when neither value_words nor value_letters is set
 READ_BACK_RATE = 0.7  # the `lines` layout: the chance that a statement is followed by a read-back ...
@@ -152,7 +154,7 @@ class SyntheticLedgers(collections.abc.Sequence):
     def __init__(self, split: str, num_documents: int, document_length: int = 6000, num_facts: int = 6,
                  recalls_per_fact: int = 2, min_recall_distance: int = 512, corpus_seed: int = 0,
                  near_recalls: int = 0, value_letters: int = 0, layout: str = "prose", value_words: int = 0,
-                 read_back_distance: int = 0):
+                 read_back_distance: int = 0, read_back_rate: float = READ_BACK_RATE):
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.split = split
@@ -167,6 +169,7 @@ class SyntheticLedgers(collections.abc.Sequence):
         self.layout = layout
         self.value_words = value_words
         self.read_back_distance = read_back_distance
+        self.read_back_rate = read_back_rate
 
     def __len__(self) -> int:
         return self.num_documents
@@ -306,7 +309,7 @@ class SyntheticLedgers(collections.abc.Sequence):
         def state(fact: tuple[str, str]) -> None:
             statements.append((add(""), fact))
             write(fact, ": ")
-            if rng.random() < READ_BACK_RATE:
+            if rng.random() < self.read_back_rate:
                 # the last READ_BACK_FROM facts stated at least d characters back, d in [0, read_back_distance]
                 reach = rng.randint(0, self.read_back_distance)
                 cut = len(statements)
@@ -340,6 +343,10 @@ def open_synthetic(data_config, split: str, seed: int) -> SyntheticLedgers:
     if layout == "prose" and read_back_distance:
         raise RecipeError("data.options.read_back_distance: only the lines layout takes it; remove it or set "
                           "data.options.layout: lines")
+    read_back_rate = get_float(options, "read_back_rate", READ_BACK_RATE, 0.0, 1.0)
+    if layout == "prose" and "read_back_rate" in options:
+        raise RecipeError("data.options.read_back_rate: only the lines layout takes it; remove it or set "
+                          "data.options.layout: lines")
     value_words = get_int(options, "value_words", 0, minimum=0, maximum=MAX_VALUE_WORDS)
     value_letters = get_int(options, "value_letters", 0, minimum=0, maximum=MAX_VALUE_LETTERS)
     if value_words and value_letters:
@@ -359,6 +366,7 @@ def open_synthetic(data_config, split: str, seed: int) -> SyntheticLedgers:
         layout=layout,
         value_words=value_words,
         read_back_distance=read_back_distance,
+        read_back_rate=read_back_rate,
     )
 
 
