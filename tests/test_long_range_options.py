@@ -201,5 +201,5 @@ def test_recall_demo_values_are_one_token_per_word_and_tagged():
     assert all(len(vocabulary.encode(f"x {word}.")) == len(vocabulary.encode("x.")) + 1 for word in ledger_words())
     document = open_documents(recipe.data, "eval")[0]
     assert len(document.long_range_spans) == 4 * 3  # num_facts x recalls_per_fact
-    tokens, tagged = vocabulary.span_mask(document.text, document.long_range_spans)
+    _, tagged = vocabulary.span_mask(document.text, document.long_range_spans)
     assert int(np.sum(tagged)) == 8 * len(document.long_range_spans)
