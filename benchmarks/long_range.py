@@ -127,16 +127,35 @@ def recipe_mapping(model: str, args: argparse.Namespace, source: str, seed: int 
     return mapping
 
 
-def beyond(report: dict, segments: int = 2) -> dict:
-    """Bits/token of the tokens at positions >= `segments` x N (more than that many segments into a
-    document), from the report's position buckets (log-spaced ones start at N, 2N, 4N, ...)."""
-    edge = segments * report["segment_length"]
-    chosen = [b for b in report["buckets"] if b["start"] >= edge and b["tokens"]]
-    if any(b["start"] < edge < b["end"] for b in report["buckets"]):
-        raise ValueError(f"a position bucket straddles {edge}: use log-spaced buckets")
+def positions(buckets: list[dict], start: int, end: int | None = None) -> dict:
+    """Bits/token of the tokens at positions [start, end) (end None: to the end of the document), from a
+    report's position buckets (log-spaced ones have edges at N/4, N/2, N, 2N, 4N, ...)."""
+    for edge in (start, end):
+        if edge is not None and any(b["start"] < edge < b["end"] and b["tokens"] for b in buckets):
+            raise ValueError(f"a position bucket straddles {edge}: use log-spaced buckets")
+    chosen = [b for b in buckets if b["tokens"] and b["start"] >= start and (end is None or b["end"] <= end)]
     tokens = sum(b["tokens"] for b in chosen)
     bits = sum(b["tokens"] * b["bits_per_token"] for b in chosen) / tokens if tokens else None
     return {"tokens": tokens, "bits_per_token": bits}
+
+
+def beyond(report: dict, segments: int = 2) -> dict:
+    """Bits/token of the tokens at positions >= `segments` x N (more than that many segments into a
+    document)."""
+    return positions(report["buckets"], segments * report["segment_length"])
+
+
+def on_common_positions(runs: list[dict]) -> list[dict]:
+    """When the models train on different segment lengths N, "first segment" and "beyond 2 segments"
+    would cover different positions for each, so the paired gains would compare unlike tokens: they
+    become positions < the smallest N (every model's first segment, or its start) and positions
+    >= 2 x the largest N (beyond 2 segments for every model). Equal N: the runs as they are."""
+    lengths = {r["segment_length"] for r in runs}
+    if len(lengths) < 2:
+        return runs
+    first, later = min(lengths), 2 * max(lengths)
+    return [{**r, "first_segment": positions(r["buckets"], 0, first),
+             "beyond_2_segments": positions(r["buckets"], later)} for r in runs]
 
 
 def one(model: str, seed: int, args: argparse.Namespace) -> dict:
@@ -381,10 +400,13 @@ def main() -> None:
                 job.result()
         order = [(model, seed) for seed in args.seeds for model in args.models]
         runs.sort(key=lambda run: order.index((run["model"], run["seed"])))  # as --jobs 1 would list them
+        lengths = sorted({run["segment_length"] for run in runs})
+        runs = on_common_positions(runs)
         rows = compare(runs)
         comparison = {"format": FORMAT, "command": command, "machine": machine(), "recipes": args.recipes,
                       "task": args.task if args.recipes == "demos" else None,
-                      "segment_length": runs[0]["segment_length"] if runs else None,
+                      "segment_length": lengths[-1] if lengths else None,
+                      "segment_lengths": lengths,
                       "title": f"bits/token by position: {args.recipes}"
                                + (f" {args.task}" if args.recipes == "demos" else "")
                                + f", seeds {' '.join(map(str, args.seeds))}",
@@ -410,6 +432,9 @@ def main() -> None:
     print_table(["model", "recipe", "backend", "batch", "steps", "seeds", "train s", "CPU s", "bits/tok",
                  "long-range bits/tok (tokens)", "rest bits/tok", "first segment", "beyond 2 segments",
                  "gain long-range", "gain rest", "gain first segment", "gain beyond 2 segments"], table)
+    if len(lengths) > 1:
+        print(f"segment lengths differ ({', '.join(map(str, lengths))}): first segment = positions < "
+              f"{lengths[0]}, beyond 2 segments = positions >= {2 * lengths[-1]}, for every model")
     print(f"mean ± sample sd over seeds; gain = 1 − model/XL, paired by seed (positive: fewer bits than XL); "
           f"eval: {args.eval_batches} batches of a fresh eval stream per run; long-range = tagged tokens "
           "(the synthetic ledgers' recalled facts); beyond 2 segments = positions >= 2N in a document; "

@@ -121,6 +121,28 @@ def test_long_range_statistics():
     assert module.gain({"long_range": {"bits_per_token": None}}, xl, "long_range") is None
 
 
+def test_long_range_compares_like_positions_when_segment_lengths_differ():
+    """A triple whose models train on different N is compared on the same positions: the first
+    segment becomes positions < the smallest N, beyond 2 segments positions >= 2 x the largest N."""
+    module = load_script("long_range")
+
+    def run(model, n, bits):  # log-spaced buckets of N; `bits(start)` per bucket, 10 tokens each
+        edges = [0, n // 4, n // 2] + [n << k for k in range(7) if n << k <= 256]  # to position 256
+        buckets = [{"start": a, "end": b, "tokens": 10, "bits_per_token": bits(a)} for a, b in zip(edges, edges[1:])]
+        return {"model": model, "seed": 1, "segment_length": n, "buckets": buckets,
+                "first_segment": module.positions(buckets, 0, n), "beyond_2_segments": module.positions(buckets, 2 * n)}
+
+    runs = [run("xl", 8, lambda a: 4.0 if a < 8 else 2.0), run("recurrent", 32, lambda a: 3.0 if a < 32 else 1.0)]
+    assert module.on_common_positions(runs[:1]) == runs[:1]
+    xl, recurrent = module.on_common_positions(runs)
+    assert xl["first_segment"] == {"tokens": 30, "bits_per_token": 4.0}  # [0, 8): xl's first segment
+    assert recurrent["first_segment"] == {"tokens": 10, "bits_per_token": 3.0}  # [0, 8): not all of [0, 32)
+    assert xl["beyond_2_segments"]["tokens"] == recurrent["beyond_2_segments"]["tokens"] == 20  # [64, 256) for both
+    assert xl["beyond_2_segments"]["bits_per_token"] == 2.0 and recurrent["beyond_2_segments"]["bits_per_token"] == 1.0
+    with pytest.raises(ValueError, match="straddles 12"):
+        module.positions(runs[0]["buckets"], 12)
+
+
 def test_long_range_recipes_are_valid():
     """The inline recipes at their default sizes (and the bundled and demo ones, where present) validate."""
     module = load_script("long_range")

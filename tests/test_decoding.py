@@ -24,6 +24,8 @@ CASES = {
     "memorizing_strides_mask": tiny_recipe("memory", memory={"layers": [0], "size": 16, "neighbors": 4,
                                                              "query_stride": 2, "update_stride": 2,
                                                              "empty": "mask"}),
+    "memorizing_window_below_segment": tiny_recipe("memory", attention={"window": 4},
+                                                   memory={"layers": [0], "size": 16, "neighbors": 4, "empty": "mask"}),
     "memorizing_exact_host": tiny_recipe("memory", memory={"layers": [-1], "size": 16, "neighbors": 4,
                                                            "store": "exact_host"}),
     "memorizing_host_strides_mask": tiny_recipe("memory", memory={"layers": [0], "size": 16, "neighbors": 4,

@@ -149,6 +149,8 @@ def _key_cases() -> list[tuple[str, dict, str | None, dict, str]]:
         changed("text_files without paths", text_files, "data.options", {}, "data.options.paths"),
         changed("text_files missing file", text_files, "data.options", {"paths": "/nonexistent/*.txt"},
                 "data.options.paths"),
+        changed("chunk_bytes=0", text_files, "data.options", {"paths": "/nonexistent/*.txt", "chunk_bytes": 0},
+                "data.options.chunk_bytes"),
         changed("seed=-1", BASE, "train.seed", -1),
         changed("seed=2**32", BASE, "train.seed", 2**32),
         changed("seed=2**64", BASE, "train.seed", 2**64),

@@ -290,8 +290,6 @@ MEMORY = {"store": "fake_store", "layers": [-1], "size": 64, "neighbors": 4}
      "memory.size: got 72, expected a multiple of the entries written per segment (16 = data.segment_length / "
      "memory.update_stride)"),
     ({"memory": {**MEMORY, "size": 48, "neighbors": 32}}, "memory.size: got 48, expected a multiple of memory.neighbors (32)"),
-    ({"memory": MEMORY, "attention": {"window": 8}},
-     "attention.window: got 8, expected data.segment_length (16) when memory is used"),
     ({"attention": {"window": 8, "xl_cache": False}},
      "attention.window: got 8, expected data.segment_length (16) when attention.xl_cache is false"),
     ({"memory": MEMORY, "recurrence": {"gate": "fake_gate", "layers": [1]}},

@@ -23,6 +23,11 @@ Options (`data.options`):
                    start of its first article, is at most data.segment_length bytes; the text before
                    the first occurrence is merged into the first group (meliad's
                    text_dataset.merge_articles, which enwik8 always used). Default false.
+    chunk_bytes    beyond meliad: cut every document (a file, an article, a split_bytes range) into
+                   consecutive pieces, each ending at the first line end at or after this many bytes
+                   (the last piece takes the rest), each a document of its own. A few long books then
+                   give many document starts, so the first segments of an eval set are more than one
+                   book's opening (docs/long_range.md). Excludes separator.
 Without `eval_paths`, `eval_fraction` or `split_bytes` the eval split reads the same files as train (with
 a warning). Files are decoded as UTF-8; undecodable bytes become U+FFFD (so does a character that a
 split_bytes boundary cuts in two). The split is by file or by byte range, so no text is in both splits.
@@ -45,10 +50,10 @@ from pathlib import Path
 
 from meliad_core.config import RecipeError
 
-from ._options import get_bool, get_float, get_str, get_str_list
+from ._options import get_bool, get_float, get_int, get_str, get_str_list
 
 OPTIONS = ("paths", "separator", "eval_paths", "eval_fraction", "split_bytes", "eval_part", "article_start",
-           "merge_articles")
+           "merge_articles", "chunk_bytes")
 EVAL_PARTS = ("test", "valid")
 
 
@@ -161,11 +166,27 @@ def _read_range(path: str, start: int, end: int) -> bytes:
         return handle.read(end - start)
 
 
-def _spans_of(path: str, start: int, end: int, marker: bytes | None, merge_limit: int | None):
-    if marker is None:
+def chunk_spans(data: bytes, size: int) -> list[tuple[int, int]]:
+    """(start, end) spans cutting `data` after the first line end at or after every `size` bytes;
+    together they cover `data` exactly."""
+    spans, start = [], 0
+    while start < len(data):
+        line_end = data.find(b"\n", start + size - 1)
+        end = len(data) if line_end < 0 else line_end + 1
+        spans.append((start, end))
+        start = end
+    return spans
+
+
+def _spans_of(path: str, start: int, end: int, marker: bytes | None, merge_limit: int | None,
+              chunk: int | None = None):
+    if marker is None and chunk is None:
         return [(path, start, end)]
     data = _read_range(path, start, end)
-    return [(path, start + s, start + e) for s, e in article_spans(data, marker, merge_limit)]
+    pieces = article_spans(data, marker, merge_limit) if marker is not None else [(0, len(data))]
+    if chunk is not None:
+        pieces = [(s + cs, s + ce) for s, e in pieces for cs, ce in chunk_spans(data[s:e], chunk)]
+    return [(path, start + s, start + e) for s, e in pieces]
 
 
 def get_split_bytes(options: dict) -> tuple[int, int, int] | None:
@@ -214,7 +235,7 @@ def split_files(options: dict) -> tuple[list[str], list[str]]:
     return files, files
 
 
-def _open_split_bytes(options: dict, split: str, sizes, marker, merge_limit) -> ByteSpans:
+def _open_split_bytes(options: dict, split: str, sizes, marker, merge_limit, chunk) -> ByteSpans:
     for other in ("eval_paths", "eval_fraction"):
         if other in options:
             raise RecipeError(f"data.options.{other}: give either split_bytes or {other}, not both")
@@ -226,7 +247,7 @@ def _open_split_bytes(options: dict, split: str, sizes, marker, merge_limit) -> 
     if eval_part not in EVAL_PARTS:
         raise RecipeError(f"data.options.eval_part: got {eval_part!r}, expected one of {', '.join(EVAL_PARTS)}")
     start, end = byte_ranges(files[0], sizes)["train" if split == "train" else eval_part]
-    return ByteSpans(_spans_of(files[0], start, end, marker, merge_limit))
+    return ByteSpans(_spans_of(files[0], start, end, marker, merge_limit, chunk))
 
 
 def open_text_files(data_config, split: str, seed: int):
@@ -245,21 +266,24 @@ def open_text_files(data_config, split: str, seed: int):
         raise RecipeError("data.options.merge_articles: got true, expected data.options.article_start to be set")
     marker_bytes = marker.encode("utf-8") if marker is not None else None
     merge_limit = data_config.segment_length if merge else None
+    chunk = get_int(options, "chunk_bytes", 1, minimum=1) if "chunk_bytes" in options else None
+    if chunk is not None and separator is not None:
+        raise RecipeError("data.options.chunk_bytes: give either separator or chunk_bytes, not both")
     sizes = get_split_bytes(options)
     if sizes is None and "eval_part" in options:
         raise RecipeError("data.options.eval_part: only read with data.options.split_bytes")
     if sizes is not None:
         if separator is not None:
             raise RecipeError("data.options.separator: not read with split_bytes; use article_start")
-        return _open_split_bytes(options, split, sizes, marker_bytes, merge_limit)
+        return _open_split_bytes(options, split, sizes, marker_bytes, merge_limit, chunk)
     train_files, eval_files = split_files(options)
     if split == "eval" and eval_files is train_files:
         warnings.warn("text_files: no data.options.eval_paths or eval_fraction; the eval split reads the "
                       "training files", stacklevel=2)
     files = train_files if split == "train" else eval_files
-    if marker_bytes is not None:
+    if marker_bytes is not None or chunk is not None:
         return ByteSpans([span for f in files for span in _spans_of(f, 0, os.path.getsize(f), marker_bytes,
-                                                                    merge_limit)])
+                                                                    merge_limit, chunk)])
     return TextFiles(files, separator)
 
 
