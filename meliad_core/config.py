@@ -568,9 +568,10 @@ def validate_recipe(mapping: dict) -> Recipe:
             mem.size % mem.neighbors == 0,
             f"memory.size: got {mem.size}, expected a multiple of memory.neighbors ({mem.neighbors})",
         )
-        # attention.window < data.segment_length (beyond meliad, whose memorizing recipes have W = N): the
-        # memory still holds whole earlier segments, so a token sees its window and the earlier segments,
-        # not the part of its own segment before its window (docs/long_range.md, the books demos).
+        # attention.window < data.segment_length is allowed, as meliad allows it (its comment advises
+        # against it, spec 7.1): the memory holds whole earlier segments, so a token sees its window and
+        # the earlier segments, not the part of its own segment before its window. The recall and books
+        # demos use it (docs/long_range.md, experiment 17).
     if recipe.recurrence is not None:
         _positive(recipe.recurrence.num_states, "recurrence.num_states")
         overlap = set(recipe.memory_layers) & set(recipe.recurrent_layers)

@@ -1,5 +1,6 @@
-"""A memory layer with a window shorter than the segment (beyond meliad, whose memorizing recipes have
-W = N): a token sees its window and, through the memory, the earlier segments, and nothing else."""
+"""A memory layer with a window shorter than the segment (meliad allows it but advises against it, spec
+7.1; the recall and books demos use it): a token sees its window and, through the memory, the earlier
+segments, and nothing else."""
 
 from __future__ import annotations
 

@@ -297,7 +297,7 @@ MEMORY = {"store": "fake_store", "layers": [-1], "size": 64, "neighbors": 4}
 ])
 def test_validation_rule(tmp_path, changes, message):
     if "memory" in changes and "attention" not in changes:
-        changes = {**changes, "attention": {"window": 16}}  # memory needs window == segment_length
+        changes = {**changes, "attention": {"window": 16}}  # W = N, as meliad's memorizing recipes
     path = write(tmp_path / "r.yaml", with_changes(**changes))
     assert message in error_of(recipes.load_recipe, path)
 
