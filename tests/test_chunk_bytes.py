@@ -55,6 +55,15 @@ def test_every_document_is_cut_and_the_split_stays_by_file(tmp_path):
     assert held and train and held not in train
 
 
+def test_null_chunk_bytes_is_off(tmp_path):
+    """A recipe that includes one with chunk_bytes (books_xl) switches it off with null."""
+    options = {"paths": _books(tmp_path, 2)}
+    whole = list(data.open_documents(DataConfig(source="text_files", options=options), "train"))
+    off = list(data.open_documents(DataConfig(source="text_files", options={**options, "chunk_bytes": None}),
+                                   "train"))
+    assert len(whole) == 2 and off == whole
+
+
 def test_chunks_apply_within_articles(tmp_path):
     path = tmp_path / "wiki"
     path.write_bytes(b"<page>" + _text(1, 40) + b"<page>" + _text(2, 40))

@@ -13,7 +13,6 @@ import pytest
 import yaml
 
 from meliad_core import recipes
-from meliad_core.config import RecipeError
 
 RECIPES_DIR = recipes.bundled_recipes_dir()
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "recipes.md"

@@ -27,7 +27,7 @@ Options (`data.options`):
                    consecutive pieces, each ending at the first line end at or after this many bytes
                    (the last piece takes the rest), each a document of its own. A few long books then
                    give many document starts, so the first segments of an eval set are more than one
-                   book's opening (docs/long_range.md). Excludes separator.
+                   book's opening (docs/long_range.md). Excludes separator; null: off (the default).
 Without `eval_paths`, `eval_fraction` or `split_bytes` the eval split reads the same files as train (with
 a warning). Files are decoded as UTF-8; undecodable bytes become U+FFFD (so does a character that a
 split_bytes boundary cuts in two). The split is by file or by byte range, so no text is in both splits.
@@ -266,7 +266,7 @@ def open_text_files(data_config, split: str, seed: int):
         raise RecipeError("data.options.merge_articles: got true, expected data.options.article_start to be set")
     marker_bytes = marker.encode("utf-8") if marker is not None else None
     merge_limit = data_config.segment_length if merge else None
-    chunk = get_int(options, "chunk_bytes", 1, minimum=1) if "chunk_bytes" in options else None
+    chunk = get_int(options, "chunk_bytes", 1, minimum=1) if options.get("chunk_bytes") is not None else None
     if chunk is not None and separator is not None:
         raise RecipeError("data.options.chunk_bytes: give either separator or chunk_bytes, not both")
     sizes = get_split_bytes(options)
