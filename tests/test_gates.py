@@ -166,3 +166,30 @@ def test_new_gates_run_in_a_recurrent_model(gate, variant):
     np.testing.assert_allclose(a, logits(long, tokens, 16), rtol=1e-4, atol=1e-5)
     gate_weights = {w.path.split("/")[-1] for w in short.trainable_weights if "gate" in w.path}
     assert gate_weights == ({"gate", "gate_bias"} if gate == "full" else set())
+
+
+@pytest.mark.parametrize("gate,bias", [("fixed", "gate_bias"), ("lstm", "forget_gate_bias"), ("full", "gate_bias")])
+def test_bias_init_moves_the_retention_bias_only(gate, bias):
+    """`recurrence.options.bias_init` (beyond meliad) shifts the mean of the bias that keeps the old state;
+    the default (0) is meliad's N(0, 0.1)."""
+    from meliad_core import assemble
+
+    default = build(assemble.recurrence_gate(gate), width=512)
+    shifted = build(assemble.recurrence_gate(gate, {"bias_init": 3.0}), width=512)
+    assert abs(np_(weight(default, bias)).mean()) < 0.03
+    assert np_(weight(shifted, bias)).mean() == pytest.approx(3.0, abs=0.03)
+    assert np_(weight(shifted, bias)).std() == pytest.approx(0.1, rel=0.2)
+    if gate == "lstm":  # the input gate keeps meliad's initialisation
+        assert abs(np_(weight(shifted, "input_gate_bias")).mean()) < 0.03
+    assert shifted.get_config()["bias_init"] == 3.0
+    assert type(shifted).from_config(shifted.get_config()).bias_init == 3.0
+
+
+def test_bias_init_is_validated_with_one_line():
+    from meliad_core import assemble
+    from meliad_core.config import RecipeError
+
+    with pytest.raises(RecipeError, match=r"recurrence.options.bias_init: .*expected"):
+        assemble.recurrence_gate("fixed", {"bias_init": "high"})
+    with pytest.raises(RecipeError, match=r"recurrence.options.bias_init: .*unknown option of recurrence gate 'residual'"):
+        assemble.recurrence_gate("residual", {"bias_init": 1.0})
