@@ -10,7 +10,8 @@ position in the document, and reports each mechanism's gain over XL with its spr
 
 Each (model, seed) is trained with `meliad_core.runner.run_training` in its own process and folder
 (WORKDIR/<model>_s<seed>; a temporary folder unless --workdir is given, in which case a finished run is
-reused and only re-scored), then `meliad_core.report.long_range_report` streams --eval-batches batches of
+reused and only re-scored, its training time read from the long_range_training.json its first pass
+left there), then `meliad_core.report.long_range_report` streams --eval-batches batches of
 a fresh eval stream through it (WORKDIR/<model>_s<seed>/report/ holds its JSON). The synthetic source
 states a few facts at the top of each document and asks for them again later
 (`data.options.min_recall_distance` characters at least); those recalled values are the long-range
@@ -57,6 +58,7 @@ MODELS = ("xl", "memorizing", "recurrent")
 BUNDLED = {"xl": "transformer_xl_tiny", "memorizing": "memorizing_tiny", "recurrent": "block_recurrent_tiny"}
 TASKS = ("recall", "ledgers", "books")
 COMPARISON_JSON, COMPARISON_PNG = "long_range_comparison.json", "long_range.png"
+TIMING_JSON = "long_range_training.json"  # in each run folder: its training time, for a reused run
 FORMAT = "meliad.long_range_comparison/1"
 
 
@@ -158,6 +160,22 @@ def on_common_positions(runs: list[dict]) -> list[dict]:
              "beyond_2_segments": positions(r["buckets"], later)} for r in runs]
 
 
+def training_timing(workdir: str, measured: dict, trained: bool) -> dict:
+    """The training time of a run: `measured` when it trained now (kept in WORKDIR/TIMING_JSON), else
+    (a finished run reused) the one kept when it trained, or None for each figure if none was kept."""
+    path = os.path.join(workdir, TIMING_JSON)
+    if trained:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(measured, f)
+        return measured
+    try:
+        with open(path, encoding="utf-8") as f:
+            kept = json.load(f)
+    except (OSError, ValueError):
+        kept = {}
+    return {key: kept.get(key) for key in measured}
+
+
 def one(model: str, seed: int, args: argparse.Namespace) -> dict:
     import keras
 
@@ -170,12 +188,13 @@ def one(model: str, seed: int, args: argparse.Namespace) -> dict:
     load = _loadavg()
     start, cpu = time.perf_counter(), time.process_time()
     summary = run_training(recipe, workdir, out=sys.stderr)
-    train_seconds, train_cpu = time.perf_counter() - start, time.process_time() - cpu
+    timing = {"train_seconds": time.perf_counter() - start, "train_cpu_seconds": time.process_time() - cpu,
+              "load_before": load, "load_after": _loadavg()}
+    timing = training_timing(workdir, timing, trained=summary.get("tokens_per_second") is not None)
     report = long_range_report(workdir, batches=args.eval_batches, out=sys.stderr, plot=False)
     train = summary.get("train") or {}
     return {"model": model, "seed": seed, "recipe": recipe.name, "backend": keras.backend.backend(),
-            "steps": summary["step"], "train_seconds": train_seconds, "train_cpu_seconds": train_cpu,
-            "load_before": load, "load_after": _loadavg(), "tokens_per_s": train.get("tokens_per_second"),
+            "steps": summary["step"], **timing, "tokens_per_s": train.get("tokens_per_second"),
             "batch": f"{recipe.data.batch_size}x{recipe.data.segment_length}",
             "overall": report["overall"], "long_range": report["long_range"], "rest": report["rest"],
             "first_segment": report["first_segment"], "later_segments": report["later_segments"],
@@ -193,6 +212,10 @@ def _loadavg() -> str:
 
 # ----------------------------------------------------------------------------------------------
 # Statistics over seeds
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def mean_sd(values) -> tuple[float | None, float | None]:
@@ -388,8 +411,8 @@ def main() -> None:
             return
         run = json.loads(proc.stdout.strip().splitlines()[-1])
         runs.append(run)
-        print(f"  {model} seed {seed}: {run['steps']} steps, {run['train_seconds']:.0f} s "
-              f"({run['train_cpu_seconds']:.0f} s CPU, load {run['load_before']} -> {run['load_after']}), "
+        print(f"  {model} seed {seed}: {run['steps']} steps, {_seconds(run['train_seconds'])} s "
+              f"({_seconds(run['train_cpu_seconds'])} s CPU, load {run['load_before']} -> {run['load_after']}), "
               f"long-range {_bits(run['long_range'])}, rest {_bits(run['rest'])}, "
               f"first segment {_bits(run['first_segment'])}, beyond 2 {_bits(run['beyond_2_segments'])}",
               flush=True)
@@ -421,8 +444,8 @@ def main() -> None:
     table = []
     for row in rows:
         table.append([row["model"], row["recipe"], args.backend, row["batch"], str(row["steps"]),
-                      " ".join(map(str, row["seeds"])), f"{row['train_seconds'][0]:.0f}",
-                      f"{row['train_cpu_seconds'][0]:.0f}", fmt(row["overall"]),
+                      " ".join(map(str, row["seeds"])), _seconds(row["train_seconds"][0]),
+                      _seconds(row["train_cpu_seconds"][0]), fmt(row["overall"]),
                       fmt(row["long_range"]) + f" ({row['long_range_tokens']:,.0f})", fmt(row["rest"]),
                       fmt(row["first_segment"]), fmt(row["beyond_2_segments"]),
                       fmt(row["gain_long_range"], percent=True), fmt(row["gain_rest"], percent=True),

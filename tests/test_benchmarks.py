@@ -74,6 +74,14 @@ def test_long_range_prints_a_table(tmp_path):
         assert (tmp_path / f"{row[0]}_s1" / "report" / "long_range.json").is_file()
     assert rows[0][header.index("gain long-range")] == "-"  # XL against itself
     assert (tmp_path / "long_range_comparison.json").is_file()
+    # run again on the same folder: the finished runs are reused, re-scored, and keep their training time
+    again = bench("long_range.py", "--recipes", "inline", "--steps", "2", "--eval-batches", "2", "--segment-length",
+                  "32", "--window", "16", "--batch-size", "2", "--memory-size", "128", "--neighbors", "16", "--states",
+                  "8", "--seeds", "1", "--workdir", str(tmp_path), *TINY_MODEL)
+    header_again, rows_again = table(again)
+    for first, second in zip(rows, rows_again):
+        for column in ("train s", "CPU s", "bits/tok"):
+            assert second[header_again.index(column)] == first[header.index(column)], column
 
 
 def test_long_range_seed_spread_gain_and_plot(tmp_path):
@@ -119,6 +127,17 @@ def test_long_range_statistics():
     xl = {"long_range": {"bits_per_token": 4.0}}
     assert module.gain({"long_range": {"bits_per_token": 3.0}}, xl, "long_range") == pytest.approx(0.25)
     assert module.gain({"long_range": {"bits_per_token": None}}, xl, "long_range") is None
+
+
+def test_long_range_keeps_the_training_time_of_a_reused_run(tmp_path):
+    module = load_script("long_range")
+    measured = {"train_seconds": 12.5, "train_cpu_seconds": 20.0, "load_before": "1 1 1", "load_after": "2 2 2"}
+    assert module.training_timing(str(tmp_path), measured, trained=True) == measured
+    reused = dict.fromkeys(measured, 0.0)  # what a reused run measures: no training
+    assert module.training_timing(str(tmp_path), reused, trained=False) == measured
+    assert module.training_timing(str(tmp_path / "elsewhere"), reused, trained=False) == dict.fromkeys(measured)
+    (tmp_path / module.TIMING_JSON).write_text("not json")
+    assert module.training_timing(str(tmp_path), reused, trained=False) == dict.fromkeys(measured)
 
 
 def test_long_range_compares_like_positions_when_segment_lengths_differ():
@@ -288,3 +307,209 @@ def test_knn_probe_reads_a_memorizing_run_and_refuses_others(tmp_path):
     refused = subprocess.run([sys.executable, str(BENCHMARKS / "knn_probe.py"), str(tmp_path / "none")],
                              capture_output=True, text=True, env=env, timeout=600)
     assert refused.returncode == 1 and "no valid checkpoint" in refused.stderr
+
+
+ROOT = BENCHMARKS.parent
+SHARED = ROOT.parent / "shared"
+SP_4000 = SHARED / "data" / "vocabs" / "pg19train_bpe_4000.model"
+RECALL_XL = ROOT / "recipes" / "demos" / "recall_xl.yaml"
+# bits planted on the tokens of each kind of value mention: (first token, rest); 9.0 everywhere else
+PLANTED = {"stated": (7.0, 3.0), "read-back": (6.0, 0.5), "far recall": (5.0, 2.0)}
+
+
+def _sentencepiece():
+    """The PG19 4000-piece SentencePiece vocabulary of ../shared (skips the test where there is none)."""
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} does not exist: no PG19 SentencePiece model")
+    pytest.importorskip("sentencepiece")
+    from meliad_vocab import SentencePieceVocabulary
+
+    return SentencePieceVocabulary(SP_4000)
+
+
+def _stream_losses(documents, n: int = 64) -> dict:
+    """`meliad eval --token-losses` arrays for documents given as (ids, target bits): each document from
+    a segment start and padded to a whole segment, the documents dealt to two rows in turn;
+    target_bits[t] is the loss of predicting token t (stored at position t - 1, as the eval writes it)."""
+    import numpy as np
+
+    rows: list[list[tuple]] = [[], []]
+    for i, (ids, target_bits) in enumerate(documents):
+        pad = -len(ids) % n
+        ids = np.concatenate([ids, np.zeros(pad, np.int32)]).astype(np.int32)
+        bits = np.concatenate([target_bits[1:], np.zeros(pad + 1)]).astype(np.float32)
+        for k in range(len(ids) // n):
+            rows[i % 2].append((ids[k * n:(k + 1) * n], bits[k * n:(k + 1) * n], k == 0))
+    batches = max(len(row) for row in rows)
+    for row in rows:
+        row += [(np.zeros(n, np.int32), np.zeros(n, np.float32), False)] * (batches - len(row))
+    tokens = np.stack([np.stack([seg[0] for seg in row]) for row in rows], axis=1)
+    return {"tokens": tokens, "bits": np.stack([np.stack([seg[1] for seg in row]) for row in rows], axis=1),
+            "scored": tokens > 0, "start_of_sequence": np.array([[seg[2] for seg in row] for row in rows]).T,
+            "live": np.ones(tokens.shape[:2], bool)}
+
+
+def _planted(vocabulary, text: str, mentions) -> tuple:
+    """(ids, target bits, tokens per kind) of `text` encoded with `vocabulary`: the tokens covering each
+    (kind, start, end) mention get PLANTED[kind] (first token, rest), every other token 9.0."""
+    import numpy as np
+
+    ids, starts, ends = vocabulary.encode_with_offsets(text)
+    bits = np.full(len(ids), 9.0)
+    counts: dict[str, list[int]] = {}
+    for kind, start, end in mentions:
+        covering = np.flatnonzero((starts < end) & (ends > start))
+        bits[covering[0]], bits[covering[1:]] = PLANTED[kind]
+        firsts, rests = counts.setdefault(kind, [0, 0])
+        counts[kind] = [firsts + 1, rests + len(covering) - 1]
+    return np.asarray(ids, np.int32), bits, counts
+
+
+def _recall_xl_documents(count: int = 2):
+    from meliad_core.recipes import load_recipe
+    from meliad_data.synthetic import open_synthetic
+
+    recipe = load_recipe(RECALL_XL, check_plugins=False)
+    return recipe, [open_synthetic(recipe.data, "eval", 0)[i] for i in range(count)]
+
+
+def test_copy_probe_reads_sentencepiece_lines_by_token():
+    """recall_xl's ledgers (lines, 8 one-piece words a value) encoded with the 4000-piece model: the
+    bits planted on each kind's first and other tokens come back exactly, one first token and 7 others
+    per mention, and the far recalls are the source's long-range spans (the boundary, from the recipe,
+    being its min_recall_distance: 400 characters would count far-reaching read-backs as far)."""
+    vocabulary = _sentencepiece()
+    probe = load_script("copy_probe")
+    recipe, docs = _recall_xl_documents()
+    near = probe.default_near(recipe.data)
+    assert near == recipe.data.options["min_recall_distance"] > probe.NEAR
+    planted, expected = [], {}
+    for doc in docs:
+        far = {start for start, _ in doc.long_range_spans}
+        mentions = [("stated" if m.group(2) == ": " else "far recall" if m.start(3) in far else "read-back",
+                     *m.span(3)) for m in probe.LINE.finditer(doc.text)]
+        ids, bits, counts = _planted(vocabulary, doc.text, mentions)
+        planted.append((ids, bits))
+        for kind, (firsts, rests) in counts.items():
+            expected[kind] = [a + b for a, b in zip(expected.get(kind, [0, 0]), (firsts, rests))]
+    losses = _stream_losses(planted)
+    table = probe.copy_table(losses, vocabulary, near)
+    assert set(table) == set(PLANTED)
+    for kind, (first, rest) in PLANTED.items():
+        assert table[kind]["first"] == (first, expected[kind][0]), kind
+        assert table[kind]["rest"] == (rest, expected[kind][1]), kind
+        assert table[kind]["rest"][1] == 7 * table[kind]["first"][1]  # each value word is one piece
+    assert table["far recall"]["first"][1] == sum(len(doc.long_range_spans) for doc in docs) > 0
+    assert probe.copy_table(losses, vocabulary, probe.NEAR)["far recall"]["first"][1] > expected["far recall"][0]
+    # the bytes reading of the same ids finds nothing of it
+    assert probe.copy_table(losses) == {}
+
+
+def test_copy_probe_reads_sentencepiece_prose_by_token():
+    """The prose layout (codes and towns, several pieces each) through the 4000-piece model: statements,
+    read-backs and far recalls are told apart although the model turns the newlines into spaces."""
+    import numpy as np
+    from meliad_data.synthetic import SyntheticLedgers
+
+    vocabulary = _sentencepiece()
+    probe = load_script("copy_probe")
+    doc = SyntheticLedgers("eval", 1, document_length=2500, num_facts=4, recalls_per_fact=2,
+                           min_recall_distance=500, near_recalls=1)[0]
+    mentions = [(probe.mention_kind(doc.text, m.start()), *m.span(1)) for m in probe.VALUE.finditer(doc.text)]
+    ids, bits, counts = _planted(vocabulary, doc.text, mentions)
+    assert "\n" not in vocabulary.decode(ids.tolist())  # so the bytes rules (paragraphs) could not work here
+    table = probe.copy_table(_stream_losses([(ids, bits)]), vocabulary)
+    assert {kind: [table[kind]["first"][1], table[kind]["rest"][1]] for kind in table} == counts
+    assert counts["far recall"][0] == len(doc.long_range_spans) and counts["stated"][0] == 4
+    for kind, (first, rest) in PLANTED.items():
+        assert table[kind]["first"][0] == first and table[kind]["rest"][0] == rest
+    assert np.all(np.asarray([counts[k][1] for k in counts]) > 0)  # values of several pieces
+
+
+def test_copy_probe_token_offsets_cover_each_value():
+    """The text rebuilt piece by piece keeps each token's text where it starts: a value's first token is
+    the one holding its first character (its leading space included), and the '.' after it is left out."""
+    vocabulary = _sentencepiece()
+    probe = load_script("copy_probe")
+    import numpy as np
+
+    text = "The ledger of Kamere, number 3.\nTarin: fold weary lamp.\nTarin = fold weary lamp.\n"
+    ids = np.asarray(vocabulary.encode(text), np.int32)
+    ((doc, starts, ends, _, _),) = probe.token_documents(_stream_losses([(ids, np.zeros(len(ids)))], n=16),
+                                                         vocabulary)
+    assert doc.rstrip() == " " + text.replace("\n", " ").rstrip()  # the dummy prefix, newlines as spaces
+    found = [(kind, probe.covering_tokens(starts, ends, a, z)) for kind, a, z in
+             probe.line_mentions(probe.SENTENCE_LINE, doc, probe.NEAR)]
+    assert [kind for kind, _ in found] == ["stated", "read-back"]
+    for _, tokens in found:
+        assert "".join(doc[starts[t]:ends[t]] for t in tokens) == " fold weary lamp"
+        assert doc[ends[tokens[-1]]] == "."
+
+
+def test_copy_probe_bytes_output_is_unchanged(tmp_path, capsys):
+    """The bytes reading: the same table with no vocabulary and with the bytes one, and the printed table
+    (first *character*) with the planted bits, as before the token mode."""
+    import numpy as np
+    from meliad_data.synthetic import SyntheticLedgers
+    from meliad_vocab import ByteVocabulary
+
+    probe = load_script("copy_probe")
+    doc = SyntheticLedgers("eval", 1, document_length=1500, num_facts=3, recalls_per_fact=1,
+                           min_recall_distance=500, layout="lines")[0]
+    far = {start for start, _ in doc.long_range_spans}
+    mentions = [("stated" if m.group(2) == ": " else "far recall" if m.start(3) in far else "read-back", *m.span(3))
+                for m in probe.LINE.finditer(doc.text)]
+    ids, bits, counts = _planted(ByteVocabulary(), doc.text, mentions)
+    losses = _stream_losses([(ids, bits)])
+    assert probe.copy_table(losses) == probe.copy_table(losses, ByteVocabulary())
+    np.savez(tmp_path / "losses.npz", **losses)
+    assert probe.main(["--losses", str(tmp_path / "losses.npz")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| mention | first character, bits | tokens | rest of the value, bits | tokens |"
+    assert lines[2:] == [f"| {kind} | {PLANTED[kind][0]:.3f} | {counts[kind][0]} | {PLANTED[kind][1]:.3f} | "
+                         f"{counts[kind][1]} |" for kind in ("stated", "read-back", "far recall")]
+    assert counts["far recall"] == [3, 3 * 11]  # 12-letter values, a token per letter
+
+
+def test_copy_probe_names_the_vocabulary_with_a_recipe(tmp_path, capsys, monkeypatch):
+    """--losses with --recipe (a recipe file, its vocabulary_path read from the working directory): the
+    table is by token."""
+    vocabulary = _sentencepiece()
+    probe = load_script("copy_probe")
+    import numpy as np
+
+    _, (doc,) = _recall_xl_documents(1)
+    ids = np.asarray(vocabulary.encode(doc.text), np.int32)
+    np.savez(tmp_path / "losses.npz", **_stream_losses([(ids, np.ones(len(ids)))]))
+    monkeypatch.chdir(ROOT)
+    assert probe.main(["--losses", str(tmp_path / "losses.npz"), "--recipe", str(RECALL_XL)]) == 0
+    header, rows = table(capsys.readouterr().out)
+    assert header[1] == "first token, bits" and [row[0] for row in rows] == ["stated", "read-back", "far recall"]
+    assert all(row[1] == row[3] == "1.000" for row in rows)
+
+
+def test_copy_probe_refuses_with_one_line(tmp_path, capsys, monkeypatch):
+    """No workdir, a workdir without a checkpoint, a vocabulary file that is not there, an .npz without
+    the arrays, a file that is no .npz: exit status 1 and one line saying so."""
+    import numpy as np
+    import yaml
+
+    from meliad_core.recipes import resolve_recipe_mapping
+
+    probe = load_script("copy_probe")
+    monkeypatch.chdir(tmp_path)
+    np.savez(tmp_path / "partial.npz", tokens=np.zeros((1, 1, 8), np.int32))
+    (tmp_path / "text.npz").write_text("not an archive")
+    mapping = resolve_recipe_mapping(RECALL_XL)
+    mapping["data"]["options"]["vocabulary_path"] = "vocabs/none.model"
+    (tmp_path / "missing_vocab.yaml").write_text(yaml.safe_dump(mapping))
+    (tmp_path / "empty_run").mkdir()
+    cases = [([str(tmp_path / "no_run")], "no such directory"),
+             ([str(tmp_path / "empty_run")], "no valid checkpoint"),
+             (["--losses", "partial.npz", "--recipe", "missing_vocab.yaml"], "vocabs/none.model"),
+             (["--losses", "partial.npz"], "no bits, scored, start_of_sequence array"),
+             (["--losses", "text.npz"], "text.npz: cannot be read")]
+    for argv, needle in cases:
+        assert probe.main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and needle in err, (argv, err)
