@@ -122,18 +122,10 @@ def covering_tokens(starts: np.ndarray, ends: np.ndarray, start: int, end: int) 
 
 
 def mention_kind(text: str, at: int) -> str:
-    sentence_start = max(text.rfind(". ", 0, at) + 2, text.rfind("\n", 0, at) + 1)
-    if text.startswith("Read back", sentence_start):
-        return "read-back"
-    if text.startswith("These facts", text.rfind("\n", 0, at) + 1):
-        return "stated"
-    return "far recall"
-
-
-def sentence_mention_kind(text: str, at: int) -> str:
-    """`mention_kind` of the value starting at `at`, for a text whose newlines may have become spaces: the
-    facts paragraph cannot be found, so a statement is told by its own sentence ("The code of X is ...",
-    "X lives in ...", where a recall says "the code of" after a lead or "X still lives in")."""
+    """Stated, read-back or far recall: the kind of the prose-ledger value starting at `at`, told by its
+    own sentence, which holds whether newlines survive (bytes) or become spaces (SentencePiece): a
+    statement is "The code of X is ..." or "X lives in ..."; a recall says "the code of" after a lead,
+    or "X still lives in"."""
     sentence_start = max(text.rfind(". ", 0, at) + 2, text.rfind("\n", 0, at) + 1)
     if text.startswith("Read back", sentence_start):
         return "read-back"
@@ -175,13 +167,13 @@ def copy_table(losses: dict, vocabulary: Vocabulary | None = None, near: int = N
     if is_bytes(vocabulary):
         for text, bits, scored in documents(losses):
             for match in VALUE.finditer(text):
-                add(mention_kind(text, match.start()), range(*match.span(1)), bits, scored)
+                add(mention_kind(text, match.start(1)), range(*match.span(1)), bits, scored)
             for kind, start, end in line_mentions(LINE, text, near):
                 add(kind, range(start, end), bits, scored)
     else:
         for text, starts, ends, bits, scored in token_documents(losses, vocabulary):
             for match in VALUE.finditer(text):
-                add(sentence_mention_kind(text, match.start(1)), covering_tokens(starts, ends, *match.span(1)), bits,
+                add(mention_kind(text, match.start(1)), covering_tokens(starts, ends, *match.span(1)), bits,
                     scored)
             for kind, start, end in line_mentions(SENTENCE_LINE, text, near):
                 add(kind, covering_tokens(starts, ends, start, end), bits, scored)
@@ -202,16 +194,15 @@ def run_recipe(source: str, workdir: bool) -> Recipe:
     """The validated recipe of a run (its newest checkpoint's manifest) or of a recipe file or name;
     ValueError with one line when there is none."""
     from meliad_core import checkpoint as ckpt
-    from meliad_core.config import validate_recipe
 
     if os.path.isdir(source):
         found = ckpt.latest_valid_checkpoint(Path(source), warn=lambda message: None)
         if found is None:
             raise ValueError("no valid checkpoint (is it a finished run's workdir?)")
-        mapping = found[1].get("recipe")
-        if not isinstance(mapping, dict):
-            raise ValueError(f"{found[0]}: the checkpoint's manifest holds no recipe")
-        return validate_recipe(mapping)
+        try:
+            return ckpt.stored_recipe(*found[:2])
+        except ckpt.CheckpointError as exc:
+            raise ValueError(str(exc)) from None
     if workdir:
         raise ValueError("no such directory (expected a finished run's workdir)")
     from meliad_core.recipes import load_recipe

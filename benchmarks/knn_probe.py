@@ -97,7 +97,6 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["KERAS_BACKEND"] = args.backend
     os.environ.setdefault("KERAS_BACKEND", "jax")
     from meliad_core import checkpoint as ckpt
-    from meliad_core.config import RecipeError, validate_recipe
     from meliad_core.data import open_documents
     from meliad_core.model import build_model
     from meliad_core.vocab import load_vocabulary
@@ -106,11 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     if found is None:
         print(f"{args.workdir}: no valid checkpoint (is it a finished run's workdir?)", file=sys.stderr)
         return 1
-    _, manifest, arrays = found
+    path, manifest, arrays = found
     try:
-        recipe = validate_recipe(manifest["recipe"])
-    except RecipeError as exc:
-        print(f"{args.workdir}: {exc}", file=sys.stderr)
+        recipe = ckpt.stored_recipe(path, manifest)
+    except ckpt.CheckpointError as exc:
+        print(exc, file=sys.stderr)
         return 1
     options = recipe.data.options or {}
     if recipe.memory is None or recipe.data.source != "synthetic" or options.get("layout") != "lines":

@@ -228,6 +228,21 @@ def read_checkpoint(path: Path, check=None) -> tuple[dict, dict[str, np.ndarray]
     return manifest, arrays
 
 
+def stored_recipe(path, manifest: dict):
+    """The recipe a checkpoint was trained with, in today's keys (`migrate_stored_recipe`, as a resumed
+    run reads it) and validated; CheckpointError with one line when the manifest holds none or it is
+    not valid here. Every reader of a run's recipe (report, eval, generate, the probes) goes through it."""
+    from meliad_core.config import RecipeError, migrate_stored_recipe, validate_recipe
+
+    mapping = manifest.get("recipe")
+    if not isinstance(mapping, dict):
+        raise CheckpointError(f"{path}: the checkpoint's manifest holds no recipe")
+    try:
+        return validate_recipe(migrate_stored_recipe(mapping))
+    except RecipeError as exc:
+        raise CheckpointError(f"{path}: the checkpoint's recipe is not valid here ({exc})") from None
+
+
 def latest_valid_checkpoint(workdir: Path, warn=print, check=None) -> tuple[Path, dict, dict] | None:
     """The newest checkpoint that reads back intact; damaged ones are reported with `warn` and skipped.
     `check`: see `read_checkpoint`."""

@@ -81,13 +81,11 @@ def load_target(target: str, step: int | None, backend: str | None, overrides=()
     found = None
     if path.is_dir():
         found = _checkpoint(path, step)
-        recipe_map = found[1].get("recipe")
-        if not isinstance(recipe_map, dict):
-            raise base.BadInput(f"{found[0]}: the checkpoint's manifest holds no recipe")
         _choose_backend(backend, found[1].get("backend"))
-        from meliad_core.config import validate_recipe
-
-        recipe = validate_recipe(recipe_map)
+        try:
+            recipe = ckpt.stored_recipe(*found[:2])
+        except ckpt.CheckpointError as exc:
+            raise base.BadInput(str(exc)) from None
     else:
         if step is not None:
             raise base.BadInput(f"--checkpoint: {target} is a recipe, not a run's workdir with checkpoints")
@@ -288,7 +286,9 @@ def add_generation_commands(cli: click.Group) -> None:
         if token_losses is not None and token_losses.suffix != ".npz":
             raise base.BadInput(f"--token-losses: got {str(token_losses)!r}, expected a file name ending in .npz")
         _choose_backend(backend, found[1].get("backend"))
-        recipe = _eval_recipe(recipe_map, data)
+        from meliad_core.config import migrate_stored_recipe
+
+        recipe = _eval_recipe(migrate_stored_recipe(recipe_map), data)
         from meliad_core import checkpoint as ckpt
         from meliad_core.data import stream
         from meliad_core.model import build_model

@@ -164,7 +164,6 @@ def long_range_report(workdir, batches: int | None = None, out=None, *, bucket_w
     import keras
 
     from meliad_core import checkpoint as ckpt
-    from meliad_core.config import RecipeError, validate_recipe
     from meliad_core.data import stream
     from meliad_core.model import build_model, token_losses
 
@@ -179,12 +178,10 @@ def long_range_report(workdir, batches: int | None = None, out=None, *, bucket_w
     if checkpoint is None:
         raise ReportError(f"{workdir}: no intact checkpoint found there; train first with 'meliad run'")
     path, manifest, arrays = checkpoint
-    if not isinstance(manifest.get("recipe"), dict):
-        raise ReportError(f"{path}: the checkpoint's manifest holds no recipe")
     try:
-        recipe = validate_recipe(manifest["recipe"])
-    except RecipeError as exc:
-        raise ReportError(f"{path}: the checkpoint's recipe is not valid here ({exc})") from None
+        recipe = ckpt.stored_recipe(path, manifest)
+    except ckpt.CheckpointError as exc:
+        raise ReportError(str(exc)) from None
     if batches is None:
         batches = recipe.eval.steps or 10
 

@@ -221,7 +221,7 @@ def test_copy_probe_finds_every_kind_of_mention():
     def target_bits(ids):
         bits = np.full(len(ids), 5.0, np.float32)
         for m in probe.VALUE.finditer(doc.text):
-            if probe.mention_kind(doc.text, m.start()).startswith("read-back"):
+            if probe.mention_kind(doc.text, m.start(1)).startswith("read-back"):
                 bits[m.start(1):m.end(1)] = 1.0
         return bits
 
@@ -415,7 +415,7 @@ def test_copy_probe_reads_sentencepiece_prose_by_token():
     probe = load_script("copy_probe")
     doc = SyntheticLedgers("eval", 1, document_length=2500, num_facts=4, recalls_per_fact=2,
                            min_recall_distance=500, near_recalls=1)[0]
-    mentions = [(probe.mention_kind(doc.text, m.start()), *m.span(1)) for m in probe.VALUE.finditer(doc.text)]
+    mentions = [(probe.mention_kind(doc.text, m.start(1)), *m.span(1)) for m in probe.VALUE.finditer(doc.text)]
     ids, bits, counts = _planted(vocabulary, doc.text, mentions)
     assert "\n" not in vocabulary.decode(ids.tolist())  # so the bytes rules (paragraphs) could not work here
     table = probe.copy_table(_stream_losses([(ids, bits)]), vocabulary)

@@ -189,6 +189,21 @@ def test_a_v01_recipe_with_moved_position_keys_resumes():
         "model.position_options.num_buckets: 16 -> None"
 
 
+def test_every_reader_of_a_stored_recipe_migrates_it():
+    """`checkpoint.stored_recipe` (report, eval, generate, the probes) reads a v0.1 manifest as a resumed
+    run does, moved keys moved; a manifest without a valid recipe is one CheckpointError line."""
+    old = validate_recipe(run_recipe()).to_dict()
+    old["model"].update(position_buckets=16, position_max_distance=128)
+    with pytest.raises(ValueError, match="model.position_buckets: this key moved"):
+        validate_recipe(old)  # what the readers did before: the report of a v0.1 run failed
+    recipe = ckpt.stored_recipe("step_2", {"recipe": old})
+    assert recipe.model.position_options == {"num_buckets": 16}
+    with pytest.raises(ckpt.CheckpointError, match=r"^step_2: the checkpoint's manifest holds no recipe$"):
+        ckpt.stored_recipe("step_2", {"step": 2})
+    with pytest.raises(ckpt.CheckpointError, match=r"^step_2: the checkpoint's recipe is not valid here \(train.steps"):
+        ckpt.stored_recipe("step_2", {"recipe": {**old, "train": {**old["train"], "steps": -1}}})
+
+
 def test_checkpoint_written_on_jax_loads_here(tmp_path):
     """A checkpoint moves between backends: the JAX fixture gives the same logits and keeps training."""
     from meliad_core.model import build_model
